@@ -1,0 +1,73 @@
+"""The pipeline as a user runs it: `synehr run` on the CI parameters, end to end, and parameter errors up front."""
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from synehr.core import RunConfig
+from synehr.data import read_meds, read_splits
+from synehr.pipeline import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parameters_cell(nb_path: Path) -> dict:
+    nb = json.loads(nb_path.read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{nb_path.name}: want exactly one parameters cell, got {len(cells)}"
+    tree = ast.parse("".join(cells[0]["source"]))
+    return {t.targets[0].id: ast.literal_eval(t.value) for t in tree.body if isinstance(t, ast.Assign)}
+
+
+def test_ci_params_are_the_notebook_defaults():
+    nb = _parameters_cell(ROOT / "nbs" / "20_pipeline.ipynb")
+    assert nb == yaml.safe_load((ROOT / "params" / "ci.yaml").read_text())
+    assert set(nb) == set(RunConfig().to_dict()), "parameters cell and RunConfig fields differ"
+    assert RunConfig.from_dict(nb) == RunConfig()
+
+
+def test_every_params_file_is_a_valid_config():
+    for p in sorted((ROOT / "params").glob("*.yaml")):
+        RunConfig.from_yaml(p)
+
+
+def test_cli_run_ci_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([shutil.which("synehr") or "synehr", "run", "-p", str(ROOT / "params" / "ci.yaml"), "-o", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"run finished: {out}" in r.stdout
+    assert (out / "20_pipeline.ipynb").exists() and (out / "config.yaml").exists()
+    cfg = RunConfig.from_yaml(out / "config.yaml")
+    assert cfg.run_dir == str(out) and cfg.demo_subjects == 300
+    events = read_meds(out / "input").collect()
+    assert events["subject_id"].n_unique() == 300
+    splits = read_splits(out / "input")
+    assert splits.group_by("split").len().sort("split")["len"].to_list() == [30, 240, 30]
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["data"] > 0
+
+
+@pytest.mark.parametrize("yaml_text, fragment", [
+    ("seed: 1\nsubjects: 5\n", "unknown config key(s) ['subjects']"),
+    ("seed: one\n", "'seed' must be int"),
+    ("data: /no/such/meds\n", "config field 'data'"),
+    ("split_fractions: [0.5, 0.5, 0.5]\n", "summing to 1"),
+])
+def test_bad_params_fail_before_any_work(tmp_path, capsys, yaml_text, fragment):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    assert main(["run", "-p", str(p), "-o", str(tmp_path / "run")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_command(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 1
+    assert "not a MEDS dataset" in capsys.readouterr().err
