@@ -52,6 +52,9 @@ def make_rng(seed: int, # the run's seed
     return np.random.default_rng([int(seed), *(_name_id(n) for n in names)])
 
 # %% ../nbs/00_core.ipynb #9fa6ffa4
+def _umask() -> int:
+    m = os.umask(0); os.umask(m); return m
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, # final location of the file or directory
                 is_dir: bool = False, # yield a temporary directory instead of a file path
@@ -73,7 +76,9 @@ def atomic_path(path: str | Path, # final location of the file or directory
                 path.rename(old)
             tmp.rename(path)
             if old is not None: shutil.rmtree(old)
-        else: os.replace(tmp, path)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the artefact the usual permissions
+            os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
         else: tmp.unlink(missing_ok=True)
@@ -117,7 +122,7 @@ def progress(iterable=None, # what to iterate over
              total: int | None = None, # length, when `iterable` has none
              **kwargs):
     "A tqdm progress bar, disabled when `SYNEHR_PROGRESS=0`."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in notebooks and warns without it
     disable = os.environ.get("SYNEHR_PROGRESS", "1") == "0"
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **kwargs)
 
@@ -146,6 +151,10 @@ class RunConfig:
     value_bins: str = "shared" # "shared" value tokens _Q1.._Q10 for every lab, or "per_lab" tokens
     packing: str = "segments" # "segments" (per-patient segment ids) or "dense" (the seed's packing)
     context_len: int = 256 # tokens per training row
+    # knowledge (04a_knowledge, 04b_semantic)
+    rgcn_dim: int = 32 # RGCN width D (hierarchy embedding size)
+    rgcn_steps: int = 100 # RGCN link-prediction training steps
+    text_encoder: str = "" # BERT checkpoint directory for semantic embeddings; "" = the packaged all-MiniLM-L6-v2
 
     def __post_init__(self):
         for f in fields(self):
@@ -159,6 +168,7 @@ class RunConfig:
         for name, allowed in (("value_bins", ("shared", "per_lab")), ("packing", ("segments", "dense"))):
             if getattr(self, name) not in allowed: raise ConfigError(f"config field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         if self.context_len < 8: raise ConfigError(f"config field 'context_len' must be >= 8, got {self.context_len}")
+        if self.rgcn_dim < 2 or self.rgcn_steps < 1: raise ConfigError(f"config fields 'rgcn_dim' (>= 2) and 'rgcn_steps' (>= 1): got {self.rgcn_dim}, {self.rgcn_steps}")
         fr = self.split_fractions
         if len(fr) != 3 or any(x < 0 for x in fr) or abs(sum(fr) - 1) > 1e-6:
             raise ConfigError(f"config field 'split_fractions' must be three non-negative numbers summing to 1, got {fr}")
