@@ -51,7 +51,29 @@ def test_cli_run_ci_end_to_end(tmp_path):
     splits = read_splits(out / "input")
     assert splits.group_by("split").len().sort("split")["len"].to_list() == [30, 240, 30]
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["data"] > 0
+    assert set(timings) == {"data", "cohort", "tokenizer", "knowledge"} and min(timings.values()) > 0
+    # cohort: the same subjects and splits, every dropped event accounted for in stats.json
+    cohort = read_meds(out / "cohort").collect()
+    assert read_splits(out / "cohort").sort("subject_id").equals(splits.sort("subject_id"))
+    stats = json.loads((out / "cohort" / "stats.json").read_text())
+    ev = stats["events"]
+    dropped = sum(n for per_category in ev["dropped"].values() for n in per_category.values())
+    assert ev["input"] == events.height and ev["input"] - dropped + sum(ev["added"].values()) == ev["kept"] == cohort.height
+    # tokenizer: one sequence per subject of each split, all in the vocabulary, every one starting a record
+    from synehr.tokenizer import Vocab, read_tokens, check_sequences
+    vocab = Vocab.load(out / "tokenizer" / "vocab.parquet")
+    for split, n in (("train", 240), ("tuning", 30), ("held_out", 30)):
+        tok = read_tokens(out / "tokens", split)
+        assert tok.height == n and check_sequences(tok, vocab).height == 0
+    # knowledge: both embeddings aligned row for row with the vocabulary, PAD zero, real codes non-zero
+    import numpy as np
+    hier, sem = np.load(out / "knowledge" / "hierarchy.npy"), np.load(out / "knowledge" / "semantic.npy")
+    assert hier.shape[0] == sem.shape[0] == len(vocab) and sem.shape[1] == 384
+    assert not sem[0].any() and not hier[0].any()
+    code_rows = vocab.table.filter(pl.col("code").str.starts_with("ICD10CM/"))["token_id"].to_numpy()
+    assert hier[code_rows].any(axis=1).all() and sem[code_rows].any(axis=1).all()
+    assert (out / "figures" / "cohort_coverage.png").stat().st_size > 10_000
+    assert (out / "figures" / "rgcn_link_prediction.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("yaml_text, fragment", [
