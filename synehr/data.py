@@ -21,7 +21,8 @@ from .core import atomic_path, get_logger, make_rng, write_json, write_parquet
 
 # %% auto #0
 __all__ = ['EVENT_SCHEMA', 'SPLITS', 'BIRTH', 'DEATH', 'CODE_PATTERNS', 'CODE_RE', 'empty_events', 'events_frame', 'MEDSError',
-           'validate_events', 'make_splits', 'write_meds', 'data_files', 'read_meds', 'read_codes', 'read_splits']
+           'validate_events', 'validate_file', 'make_splits', 'write_meds', 'data_files', 'read_meds', 'read_codes',
+           'read_splits']
 
 # %% ../nbs/01_data.ipynb #2f2cab96
 EVENT_SCHEMA = {"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String,
@@ -65,8 +66,9 @@ CODE_PATTERNS = {  # namespace -> regex the part after the slash must match
     "ATC": r"[A-Z](?:[0-9]{2}(?:[A-Z](?:[A-Z](?:[0-9]{2})?)?)?)?"}
 CODE_RE = r"^(?:MEDS_[A-Z_]+|[A-Za-z][A-Za-z0-9_]*/\S(?:.*\S)?)$"
 
-def _bad(lf: pl.LazyFrame, mask: pl.Expr, limit: int = 20) -> pl.DataFrame:
-    return lf.filter(mask).select("row", "subject_id").head(limit).collect()
+def _rows(df: pl.DataFrame, mask: pl.Expr, row_offset: int, limit: int = 20) -> pl.DataFrame:
+    return (df.select("subject_id", mask=mask.fill_null(False)).with_row_index("row", offset=row_offset)
+            .filter("mask").select("row", "subject_id").head(limit))
 
 def _schema_check(schema: dict, source: str, allow_extra: bool):
     missing = [c for c in EVENT_SCHEMA if c not in schema]
@@ -77,6 +79,49 @@ def _schema_check(schema: dict, source: str, allow_extra: bool):
     for c, ok in _ALLOWED.items():
         if not ok(schema[c]): raise MEDSError(source, c, f"has type {schema[c]}, expected {EVENT_SCHEMA[c]}")
 
+def _row_hash() -> pl.Expr:
+    "A 64-bit hash of the five event columns (cheaper than hashing a struct of them)."
+    h = pl.lit(0, pl.UInt64)
+    for i, c in enumerate(EVENT_SCHEMA): h = (h * 0x9E3779B97F4A7C15) ^ pl.col(c).hash(i)  # wraps around in uint64
+    return h
+
+def _check_frame(df: pl.DataFrame, # events cast to EVENT_SCHEMA
+                 source: str, max_time, row_offset: int = 0):
+    "The checks of `validate_events` in one parallel pass; raise for the earliest flagged row (ties: the list order)."
+    sid, t, code, v = pl.col("subject_id"), pl.col("time"), pl.col("code"), pl.col("numeric_value")
+    checks = [("subject_id", "null values", sid.is_null()), ("code", "null values", code.is_null())]
+    codes = df["code"].drop_nulls().unique()  # regexes run once per distinct code, not once per row
+    checks.append(("code", "malformed code (want NAMESPACE/CODE or MEDS_*, no surrounding whitespace)",
+                   code.is_in(codes.filter(~codes.str.contains(CODE_RE)).implode())))
+    for ns, pat in CODE_PATTERNS.items():
+        bad = codes.filter(codes.str.starts_with(ns + "/") & ~codes.str.contains(f"^{ns}/{pat}$"))
+        checks.append(("code", f"malformed {ns} code (want {ns}/{pat})", code.is_in(bad.implode())))
+    prev_sid, prev_t = sid.shift(1), t.shift(1)
+    births = (code == BIRTH).sum().over("subject_id")
+    checks += [("numeric_value", "non-finite value (NaN or infinity)", v.is_nan() | v.is_infinite()),
+               ("subject_id", "rows not sorted by subject_id (each subject's rows must be contiguous and ascending)", sid < prev_sid),
+               ("time", "rows not sorted by time within the subject (static null-time rows first)",
+                (sid == prev_sid) & ((t < prev_t) | (t.is_null() & prev_t.is_not_null()))),
+               ("code", "duplicate row (same subject_id, time, code and values as an earlier row)",
+                ~_row_hash().is_first_distinct()),  # a screen: confirmed column by column below
+               ("code", f"more than one {BIRTH} for a subject", (code == BIRTH) & (births > 1)),
+               ("time", f"event before the subject's {BIRTH}", t < t.filter(code == BIRTH).min().over("subject_id"))]
+    if max_time is not None:
+        mt = datetime.now(timezone.utc).replace(tzinfo=None) if max_time == "now" else max_time
+        checks.append(("time", f"event in the future (after {mt:%Y-%m-%d %H:%M})", t > mt))
+    first = df.select([m.fill_null(False).arg_true().first().alias(str(i)) for i, (_, _, m) in enumerate(checks)]).row(0)
+    hits = {i: r for i, r in enumerate(first) if r is not None}
+    dup = next(i for i, (_, p, _) in enumerate(checks) if p.startswith("duplicate row"))
+    if dup in hits:  # equal hashes may collide: the exact test, only when the screen fires
+        checks[dup] = (*checks[dup][:2], ~pl.struct(EVENT_SCHEMA.keys()).is_first_distinct())
+        hits[dup] = df.select(checks[dup][2].arg_true().first()).item()
+    hits = sorted((r, i) for i, r in hits.items() if r is not None)
+    if hits:
+        col, problem, mask = checks[hits[0][1]]
+        raise MEDSError(source, col, problem, _rows(df, mask, row_offset))
+
+def _cast(lf: pl.LazyFrame) -> pl.LazyFrame: return lf.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
+
 def validate_events(df: pl.DataFrame | pl.LazyFrame, # MEDS events
                     source: str = "<frame>", # file name (or other label) used in error messages
                     max_time: datetime | None | str = "now", # events after this are errors; None disables
@@ -85,31 +130,36 @@ def validate_events(df: pl.DataFrame | pl.LazyFrame, # MEDS events
     "Check MEDS events and return them cast to `EVENT_SCHEMA`; raise `MEDSError` on the first broken rule."
     lf = df.lazy()
     _schema_check(lf.collect_schema(), source, allow_extra)
-    lf = lf.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()]).with_row_index("row")
-    sid, t, code, v = pl.col("subject_id"), pl.col("time"), pl.col("code"), pl.col("numeric_value")
-    for col in ("subject_id", "code"):
-        if len(b := _bad(lf, pl.col(col).is_null())): raise MEDSError(source, col, "null values", b)
-    if len(b := _bad(lf, ~code.str.contains(CODE_RE))):
-        raise MEDSError(source, "code", "malformed code (want NAMESPACE/CODE or MEDS_*, no surrounding whitespace)", b)
-    for ns, pat in CODE_PATTERNS.items():
-        m = code.str.starts_with(ns + "/") & ~code.str.contains(f"^{ns}/{pat}$")
-        if len(b := _bad(lf, m)): raise MEDSError(source, "code", f"malformed {ns} code (want {ns}/{pat})", b)
-    if len(b := _bad(lf, v.is_nan() | v.is_infinite())): raise MEDSError(source, "numeric_value", "non-finite value (NaN or infinity)", b)
-    prev_sid, prev_t = sid.shift(1), t.shift(1)
-    if len(b := _bad(lf, sid < prev_sid)): raise MEDSError(source, "subject_id", "rows not sorted by subject_id (each subject's rows must be contiguous and ascending)", b)
-    unsorted = (sid == prev_sid) & ((t < prev_t) | (t.is_null() & prev_t.is_not_null()))
-    if len(b := _bad(lf, unsorted)):
-        raise MEDSError(source, "time", "rows not sorted by time within the subject (static null-time rows first)", b)
-    dup = pl.struct(EVENT_SCHEMA.keys()).is_duplicated() & (pl.col("row") != pl.col("row").min().over(list(EVENT_SCHEMA)))
-    if len(b := _bad(lf, dup)): raise MEDSError(source, "code", "duplicate row (same subject_id, time, code and values as an earlier row)", b)
-    births = (code == BIRTH).sum().over("subject_id")
-    if len(b := _bad(lf, (code == BIRTH) & (births > 1))): raise MEDSError(source, "code", f"more than one {BIRTH} for a subject", b)
-    birth_t = t.filter(code == BIRTH).min().over("subject_id")
-    if len(b := _bad(lf, t < birth_t)): raise MEDSError(source, "time", f"event before the subject's {BIRTH}", b)
-    if max_time is not None:
-        mt = datetime.now(timezone.utc).replace(tzinfo=None) if max_time == "now" else max_time
-        if len(b := _bad(lf, t > mt)): raise MEDSError(source, "time", f"event in the future (after {mt:%Y-%m-%d %H:%M})", b)
-    return lf.drop("row").collect()
+    out = _cast(lf).collect()
+    _check_frame(out, source, max_time)
+    return out
+
+def validate_file(path: str | Path, # a MEDS events parquet file
+                  max_time: datetime | None | str = "now", # as in `validate_events`
+                  allow_extra: bool = False, # as in `validate_events`
+                  batch_rows: int = 1_000_000, # rows read at a time: bounds memory, whatever the file's size
+                 ) -> int:
+    "`validate_events` for one file, streamed in batches of whole subjects; returns the number of rows."
+    source, pf = str(path), pq.ParquetFile(path)
+    _schema_check(pl.from_arrow(pf.schema_arrow.empty_table()).schema, source, allow_extra)
+    carry, offset, n = None, 0, 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(EVENT_SCHEMA)):
+        df = _cast(pl.from_arrow(batch).lazy()).collect()
+        n += df.height
+        if carry is not None: df = pl.concat([carry, df])
+        ids = df["subject_id"]
+        if ids[-1] is None: k = df.height
+        else:  # hold back the trailing run of the last subject: its rows may go on in the next batch
+            other = (ids != ids[-1]).fill_null(True).arg_true()
+            k = int(other[-1]) + 1 if len(other) else 0
+        if k:
+            _check_frame(df.head(k), source, max_time, offset)
+            if k < df.height and ids[k] < ids[k - 1]:
+                raise MEDSError(source, "subject_id", "rows not sorted by subject_id (each subject's rows must be contiguous and ascending)",
+                                pl.DataFrame({"row": [offset + k], "subject_id": [ids[k]]}))
+        offset, carry = offset + k, df.slice(k)
+    if carry is not None and carry.height: _check_frame(carry, source, max_time, offset)
+    return n
 
 # %% ../nbs/01_data.ipynb #5819d654
 def make_splits(subject_ids: Iterable[int], # subjects to split (duplicates are ignored)
@@ -194,7 +244,7 @@ def read_meds(root: str | Path, # dataset folder
     files = data_files(root, split)
     if not files: return empty_events().lazy()
     for f in files:
-        if validate: validate_events(pl.scan_parquet(f), source=str(f), max_time=max_time)
+        if validate: validate_file(f, max_time=max_time)
         else: _schema_check(pl.read_parquet_schema(f), str(f), allow_extra=False)
     return pl.scan_parquet(files).select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
 

@@ -815,7 +815,8 @@ class CohortSummary:
 
     def _repr_markdown_(self):
         return (f"**CohortSummary**: {self.n_subjects:,} subjects, {self.n_stays:,} stays, {self.n_events:,} events\n\n"
-                + _md_table(self.outcomes) + "\n\n" + _md_table(self.categories) + "\n\n" + _md_table(self.per_subject))
+                + _md_table(self.outcomes) + "\n\n" + _md_table(self.categories) + "\n\n" + _md_table(self.per_subject)
+                + "\n\nLab values (value ranges per lab item):\n\n" + _md_table(self.labs))
 
 def cohort_summary(events: pl.DataFrame | pl.LazyFrame) -> CohortSummary:
     "Summarise a MEDS cohort in a few small frames."

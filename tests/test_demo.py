@@ -152,7 +152,7 @@ def test_every_code_described(written):
     events = read_meds(written).collect()
     codes = read_codes(written)
     assert set(events["code"].unique()) <= set(codes["code"])
-    described = codes.filter(pl.col("code").is_in(events["code"].unique()))
+    described = codes.filter(pl.col("code").is_in(events["code"].unique().implode()))
     assert described["description"].null_count() == 0
     assert (described["description"].str.len_chars() > 0).all()
 
