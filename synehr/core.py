@@ -109,8 +109,9 @@ def write_parquet(df, # a polars DataFrame or a pyarrow Table
 def get_logger(name: str = "synehr") -> logging.Logger:
     "The `synehr` logger (or a child of it), writing `time level name: message` to stderr once."
     root = logging.getLogger("synehr")
-    if not root.handlers:
+    if not any(getattr(h, "_synehr", False) for h in root.handlers):  # others (e.g. pytest's capture) may add theirs
         h = logging.StreamHandler(sys.stderr)
+        h._synehr = True
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(h)
         root.setLevel(os.environ.get("SYNEHR_LOG_LEVEL", "INFO"))
