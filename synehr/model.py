@@ -18,9 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'Attention', 'MLP', 'Block', 'Knowledge',
-           'KnowledgeFusion', 'Decoder', 'count_params', 'next_token_loss', 'KVCache', 'init_cache', 'extend',
-           'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
+__all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'Attention', 'MLP', 'Block',
+           'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params', 'next_token_loss', 'KVCache', 'init_cache',
+           'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -135,12 +135,12 @@ def rope(x_BxTxNxDh, # queries or keys, N heads of width Dh (even)
 # %% ../nbs/05_model.ipynb #40c74dbc
 def attention_mask(segments_q_BxT, # segment id of each query (0 = padding)
                    segments_k_BxS, # segment id of each key slot
-                   slot_q_T, # slot index of each query (its column in the row, or in the cache)
+                   slot_q_T, # slot index of each query (its column in the row, or in the cache); [B, T] for per-row slots
                    slot_k_S, # slot index of each key
                   ):
     "Allowed attention [B, T, S]: the key slot is at or before the query's, and in the same segment."
-    causal_TxS = slot_k_S[None, :] <= slot_q_T[:, None]
-    return causal_TxS[None] & (segments_q_BxT[:, :, None] == segments_k_BxS[:, None, :])
+    causal = slot_k_S <= jnp.asarray(slot_q_T)[..., None]  # [T, S], or [B, T, S] for per-row query slots [B, T]
+    return (causal if causal.ndim == 3 else causal[None]) & (segments_q_BxT[:, :, None] == segments_k_BxS[:, None, :])
 
 # %% ../nbs/05_model.ipynb #0ddd3cb5
 def _dropout(x, rate: float, key):
@@ -168,6 +168,16 @@ def gqa(q_BxTxHxDh, # queries (already rotated)
     return o_BxTxKxGxDh.reshape(B, T, H, Dh)
 
 # %% ../nbs/05_model.ipynb #0959e3a3
+def write_slots(buf_BxSx_, # a per-row buffer of S slots (keys, values or segment ids)
+                new_BxTx_, # T new entries per row
+                index, # [] int32: the first slot to write, the same for every row; or [B]: one per row
+               ):
+    "`buf` with the new entries written at slots index .. index + T - 1 of each row."
+    new_BxTx_ = new_BxTx_.astype(buf_BxSx_.dtype)
+    if jnp.ndim(index) == 0: return jax.lax.dynamic_update_slice(buf_BxSx_, new_BxTx_, (0, index) + (0,) * (buf_BxSx_.ndim - 2))
+    slots_BxT = index[:, None] + jnp.arange(new_BxTx_.shape[1])
+    return buf_BxSx_.at[jnp.arange(buf_BxSx_.shape[0])[:, None], slots_BxT].set(new_BxTx_)
+
 def _dense(cfg: ModelConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                       kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
@@ -188,8 +198,7 @@ class Attention(nnx.Module):
         if cache is None: k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
         else:
             ck_BxSxKxDh, cv_BxSxKxDh, index = cache
-            k_BxSxKxDh = jax.lax.dynamic_update_slice(ck_BxSxKxDh, k_BxTxKxDh.astype(ck_BxSxKxDh.dtype), (0, index, 0, 0))
-            v_BxSxKxDh = jax.lax.dynamic_update_slice(cv_BxSxKxDh, v_BxTxKxDh.astype(cv_BxSxKxDh.dtype), (0, index, 0, 0))
+            k_BxSxKxDh, v_BxSxKxDh = write_slots(ck_BxSxKxDh, k_BxTxKxDh, index), write_slots(cv_BxSxKxDh, v_BxTxKxDh, index)
         o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxSxKxDh.astype(q_BxTxHxDh.dtype), v_BxSxKxDh.astype(q_BxTxHxDh.dtype),
                          mask_BxTxS, c.dropout, key)
         return self.o(o_BxTxHxDh.reshape(B, T, c.H * c.Dh)), (k_BxTxKxDh, v_BxTxKxDh)
@@ -351,7 +360,7 @@ class KVCache:
     k: jax.Array # [L, B, S, K, Dh] rotated keys
     v: jax.Array # [L, B, S, K, Dh] values
     segments: jax.Array # [B, S] segment id of each filled slot (0 when empty or padding)
-    index: jax.Array # [] int32: the next slot to fill
+    index: jax.Array # [] int32: the next slot to fill; or [B]: each row's own next slot (rows restart records independently)
 
     @property
     def max_len(self) -> int: return self.k.shape[2]
@@ -359,12 +368,13 @@ class KVCache:
 def init_cache(cfg: ModelConfig, # the model's config
                batch: int, # rows (B)
                max_len: int | None = None, # slots (S); default cfg.T
+               per_row: bool = False, # one next-slot index per row (continuous batching) instead of one for all
               ) -> KVCache:
     "An empty KV cache for `batch` rows of up to `max_len` tokens, in the compute dtype."
     S = cfg.T if max_len is None else int(max_len)
     shape = (cfg.L, batch, S, cfg.K, cfg.Dh)  # k and v are separate buffers, so a jitted step can donate both
     return KVCache(k=jnp.zeros(shape, jnp.dtype(cfg.dtype)), v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
-                   segments=jnp.zeros((batch, S), jnp.int32), index=jnp.zeros((), jnp.int32))
+                   segments=jnp.zeros((batch, S), jnp.int32), index=jnp.zeros((batch,) if per_row else (), jnp.int32))
 
 def extend(model: Decoder, cache: KVCache,
            tokens_BxT, # the next T tokens of every row
@@ -373,18 +383,18 @@ def extend(model: Decoder, cache: KVCache,
           ) -> tuple[jax.Array, KVCache]:
     "Run the model on the next T tokens, attending to the cache -> (logits [B, T, V], updated cache)."
     B, T = tokens_BxT.shape
-    try: index = int(cache.index)
+    try: index = int(jnp.max(cache.index))
     except (jax.errors.ConcretizationTypeError, TypeError): index = None
     if index is not None and index + T > cache.max_len:
         raise ValueError(f"KV cache overflow: {index} slots used + {T} new > max_len {cache.max_len}")
     if segments_BxT is None: segments_BxT = jnp.ones((B, T), jnp.int32)
-    segments_BxS = jax.lax.dynamic_update_slice(cache.segments, segments_BxT.astype(jnp.int32), (0, cache.index))
-    mask_BxTxS = attention_mask(segments_BxT, segments_BxS, cache.index + jnp.arange(T), jnp.arange(cache.max_len))
+    segments_BxS = write_slots(cache.segments, segments_BxT.astype(jnp.int32), cache.index)
+    slot_q = cache.index + jnp.arange(T) if jnp.ndim(cache.index) == 0 else cache.index[:, None] + jnp.arange(T)
+    mask_BxTxS = attention_mask(segments_BxT, segments_BxS, slot_q, jnp.arange(cache.max_len))
     logits_BxTxV, (k_LxBxTxKxDh, v_LxBxTxKxDh) = model.forward(model.embed_tokens(tokens_BxT), positions_BxT, mask_BxTxS,
                                                                 cache=(cache.k, cache.v, cache.index))
-    at = (0, 0, cache.index, 0, 0)
-    return logits_BxTxV, KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_LxBxTxKxDh.astype(cache.k.dtype), at),
-                                 v=jax.lax.dynamic_update_slice(cache.v, v_LxBxTxKxDh.astype(cache.v.dtype), at),
+    put = jax.vmap(write_slots, in_axes=(0, 0, None))  # every layer at the same slots
+    return logits_BxTxV, KVCache(k=put(cache.k, k_LxBxTxKxDh, cache.index), v=put(cache.v, v_LxBxTxKxDh, cache.index),
                                  segments=segments_BxS, index=cache.index + T)
 
 def prefill(model: Decoder, cache: KVCache, tokens_BxT, positions_BxT, segments_BxT=None) -> tuple[jax.Array, KVCache]:

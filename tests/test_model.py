@@ -361,3 +361,26 @@ def test_same_logits_on_1_and_4_devices(tmp_path):
     np.testing.assert_allclose(four["logits"], one["logits"], atol=1e-5)
     np.testing.assert_allclose(float(four["loss"]), one["loss"], rtol=1e-5)
     np.testing.assert_allclose(float(four["grad_norm"]), one["grad_norm"], rtol=1e-4)
+
+
+def test_per_row_cache_index(model, cfg):
+    "Per-row next slots: equal rows behave as the shared index; a row restarted at slot 0 with a new segment forgets its past."
+    T = 10
+    tokens = jax.random.randint(jax.random.key(11), (2, T), 1, cfg.V)
+    full = nnx.jit(lambda m, t: m(t))(model, tokens)
+    shared, rows = init_cache(cfg, 2, 16), init_cache(cfg, 2, 16, per_row=True)
+    assert rows.index.shape == (2,)
+    for t in range(T):
+        a, shared = jit_decode(model, shared, tokens[:, t:t + 1], jnp.full((2, 1), t))
+        b, rows = jit_decode(model, rows, tokens[:, t:t + 1], jnp.full((2, 1), t))
+        np.testing.assert_allclose(b, a, atol=1e-5)
+        np.testing.assert_allclose(b, full[:, t], atol=1e-4)
+    # row 1 starts a new record at slot 0 (segment 2) while row 0 goes on at slot T: row 1 sees only its new tokens
+    rows = rows.replace(index=jnp.array([T, 0], jnp.int32))
+    fresh = full[1, 0]  # the logits of a record whose first token is tokens[1, 0]
+    seg = jnp.array([[1], [2]], jnp.int32)
+    pos = jnp.array([[T], [0]])
+    nxt = jnp.stack([tokens[0, 0], tokens[1, 0]])[:, None]
+    lg, rows = jax.jit(decode_step)(model, rows, nxt, pos, seg)
+    np.testing.assert_allclose(lg[1], fresh, atol=1e-4)
+    assert rows.index.tolist() == [T + 1, 1]
