@@ -1,12 +1,13 @@
 """Benchmark: synthetic patients/s and tokens/s of synehr.generate against transformers' generate and the seed's regime.
 
-usage: python bench/generate.py [--quick] [--batch 32] [--max-len 256]
+usage: python bench/generate.py [--quick] [--batch 32] [--records 128] [--max-len 256]
 One Coogee-size decoder (D 384, F 1024, 6 layers, 6 heads, 2 kv heads; vocabulary of a 300-subject demo cohort),
 seeded weights. Three samplers of the same records (real demographic headers as prompts, top-p 0.98,
 temperature 1, the same grammar constraints, the same maximum length):
-- ours: `synehr.generate.sample_tokens`, the whole batch in one jitted KV-cached loop (compilation warmed up untimed);
-- hf: transformers' `LlamaForCausalLM.generate` with the same weights copied over (bench/_llama_ref.py), the same batch
-  size, and the grammar as a vectorized torch `LogitsProcessor`;
+- ours: `synehr.generate.stream_tokens`, `--batch` records in flight in one jitted KV-cached loop, a row that ends
+  a record taking the next prompt at once (continuous batching; compilation warmed up untimed);
+- hf: transformers' `LlamaForCausalLM.generate` with the same weights copied over (bench/_llama_ref.py), the records
+  in batches of `--batch` (each runs until its longest record ends), the grammar as a vectorized torch `LogitsProcessor`;
 - seed: the Coogee seed's regime, batch size 1 with the constraint computed per row in Python at every step.
 All three run in this process, alternating, median of 3 timed runs (1 with --quick); ratio = ours / theirs in
 patients/s (> 1 is better). Targets: >= 1.5x hf at equal batch size, >= 10x the seed's regime. The model is untrained,
@@ -64,10 +65,12 @@ def setup(seed: int = 0):
     return vocab, headers, model
 
 
-def ours(model, vocab, prompts, max_len, seed):
-    from synehr.generate import row_keys, sample_tokens
+def ours(model, vocab, prompts, max_len, seed, rows):
+    "synehr.generate.stream_tokens: `rows` records in flight, a finished row takes the next prompt at once."
+    from synehr.generate import row_keys, stream_tokens
     from synehr.tokenizer import PAD
-    s = sample_tokens(model, vocab, prompts, row_keys(seed, np.arange(len(prompts))), max_len=max_len, temperature=TEMPERATURE, top_p=TOP_P)
+    s = stream_tokens(model, vocab, prompts, row_keys(seed, np.arange(len(prompts))), rows=rows, max_len=max_len,
+                      temperature=TEMPERATURE, top_p=TOP_P)
     return int((s.tokens != PAD).sum()), int(s.finished.sum())
 
 
@@ -129,6 +132,16 @@ def seed_processor(vocab, prompt):
     return PerRow()
 
 
+def hf_batches(ref, vocab, prompts, max_len, seed, rows):
+    "transformers generate over the records, `rows` at a time (each batch runs until its longest record ends)."
+    tok = fin = 0
+    for i in range(0, len(prompts), rows):
+        ps = prompts[i:i + rows]
+        t_, f_ = hf_generate(ref, vocab, ps, max_len, seed * 1000 + i, hf_processor(vocab, ps))
+        tok, fin = tok + t_, fin + f_
+    return tok, fin
+
+
 def hf_generate(ref, vocab, prompts, max_len, seed, processor):
     import torch
     from transformers import LogitsProcessorList
@@ -146,11 +159,13 @@ def hf_generate(ref, vocab, prompts, max_len, seed, processor):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one timed run of each, fewer seed-regime records")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32, help="rows in flight (ours) = batch size (transformers)")
+    ap.add_argument("--records", type=int, default=128, help="records per timed run (a multiple of --batch)")
     ap.add_argument("--max-len", type=int, default=256)
     a = ap.parse_args(argv)
     vocab, headers, model = setup()
     B, L, n_runs = a.batch, a.max_len, 1 if a.quick else 3
+    N = a.records if not a.quick else 2 * B
     n_seed = 2 if a.quick else 4
     try:
         import torch
@@ -159,20 +174,20 @@ def main(argv=None):
     except ImportError as e:
         print(f"torch/transformers not importable ({e}): measuring ours only")
         ref = None
-    ours(model, vocab, headers[:B], L, 99)  # compile, untimed
+    ours(model, vocab, headers[:N], L, 99, B)  # compile, untimed
     if ref is not None:
         hf_generate(ref, vocab, headers[:B], 16, 99, hf_processor(vocab, headers[:B]))  # warm up
     rates = {k: [] for k in ("ours", "hf", "seed")}
     lens = {k: [] for k in rates}
     for r in range(n_runs):  # alternate the samplers; each run uses fresh prompts and seeds
-        ps = headers[r * B:(r + 1) * B]
-        t0 = time.perf_counter(); tok, fin = ours(model, vocab, ps, L, r); dt = time.perf_counter() - t0
-        rates["ours"].append((B / dt, tok / dt)); lens["ours"].append(tok / B)
-        print(f"run {r} ours: {B / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / B:.0f} tokens/record, {fin}/{B} finished", flush=True)
+        ps = headers[r * N:(r + 1) * N]
+        t0 = time.perf_counter(); tok, fin = ours(model, vocab, ps, L, r, B); dt = time.perf_counter() - t0
+        rates["ours"].append((N / dt, tok / dt)); lens["ours"].append(tok / N)
+        print(f"run {r} ours: {N / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / N:.0f} tokens/record, {fin}/{N} finished", flush=True)
         if ref is None: continue
-        t0 = time.perf_counter(); tok, fin = hf_generate(ref, vocab, ps, L, r, hf_processor(vocab, ps)); dt = time.perf_counter() - t0
-        rates["hf"].append((B / dt, tok / dt)); lens["hf"].append(tok / B)
-        print(f"run {r} hf:   {B / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / B:.0f} tokens/record, {fin}/{B} finished", flush=True)
+        t0 = time.perf_counter(); tok, fin = hf_batches(ref, vocab, ps, L, r, B); dt = time.perf_counter() - t0
+        rates["hf"].append((N / dt, tok / dt)); lens["hf"].append(tok / N)
+        print(f"run {r} hf:   {N / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / N:.0f} tokens/record, {fin}/{N} finished", flush=True)
         t0, tok, fin = time.perf_counter(), 0, 0
         for i in range(n_seed):
             t_, f_ = hf_generate(ref, vocab, ps[i:i + 1], L, r * 100 + i, seed_processor(vocab, ps[i]))
@@ -183,11 +198,11 @@ def main(argv=None):
     med = {k: (median([x[0] for x in v]), median([x[1] for x in v]), median(lens[k])) for k, v in rates.items() if v}
     tag = " (--quick)" if a.quick else ""
     o = med["ours"]
-    recs = [record("generate", f"ours: patients/s, Coogee-size model, batch {B}, max_len {L}, top-p {TOP_P}{tag}", round(o[0], 3), "patients/s",
+    recs = [record("generate", f"ours: patients/s, Coogee-size model, {N} records, {B} rows, max_len {L}, top-p {TOP_P}{tag}", round(o[0], 3), "patients/s",
                    "none", o[0], 1.0, "see the hf and seed rows", n_runs, tokens_per_s=round(o[1]), tokens_per_record=round(o[2], 1))]
     if "hf" in med:
         h, s = med["hf"], med["seed"]
-        recs.append(record("generate", f"patients/s vs transformers generate (same weights, batch {B}, grammar LogitsProcessor){tag}",
+        recs.append(record("generate", f"patients/s vs transformers generate ({N} records in batches of {B}, same weights, grammar LogitsProcessor){tag}",
                            round(o[0], 3), "patients/s", f"torch {__import__('torch').__version__} LlamaForCausalLM.generate", round(h[0], 3),
                            round(o[0] / h[0], 3), ">= 1.5x", n_runs, tokens_per_s=round(o[1]), baseline_tokens_per_s=round(h[1]),
                            tokens_per_record=round(o[2], 1), baseline_tokens_per_record=round(h[2], 1)))
@@ -195,6 +210,7 @@ def main(argv=None):
                            round(o[0], 3), "patients/s", "hf generate, batch 1, Python per-row processor", round(s[0], 3),
                            round(o[0] / s[0], 3), ">= 10x", n_runs, tokens_per_s=round(o[1]), baseline_tokens_per_s=round(s[1]),
                            tokens_per_record=round(o[2], 1), baseline_tokens_per_record=round(s[2], 1)))
+    for rec in recs: rec["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine skews both sides
     path = save("generate", recs)
     for rec in recs: print(f"{rec['what']}: {rec['value']} {rec['unit']} (baseline {rec['baseline_value']}, ratio {rec['ratio']})")
     print(f"wrote {path}")

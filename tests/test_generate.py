@@ -9,7 +9,7 @@ from synehr.cohort import build_cohort
 from synehr.core import RunConfig, make_key
 from synehr.demo import write_demo_cohort
 from synehr.generate import (GrammarArrays, allowed_tokens, generate, prompt_states, read_generated, real_headers, row_keys,
-                             sample_tokens, stamp_at_discharge, to_meds)
+                             sample_tokens, stamp_at_discharge, stream_tokens, to_meds)
 from synehr.model import Decoder, ModelConfig
 from synehr.tokenizer import END_RECORD, PAD, START_RECORD, Grammar, check_sequences, fit_vocab, read_tokens, write_tokens
 
@@ -107,21 +107,21 @@ def test_top_p_small_is_greedy_and_bad_settings_fail(setup):
 def test_generate_resumes_and_is_deterministic(setup, tmp_path):
     d, vocab, model, real = setup
     prompts = real_headers(real, vocab, 10, seed=2)
-    a = generate(model, vocab, prompts, tmp_path / "a", seed=4, batch_size=4, max_len=96)
+    a = generate(model, vocab, prompts, tmp_path / "a", seed=4, batch_size=3, part_size=4, max_len=96)
     assert (a.n, a.parts) == (10, 3) and a.finished + a.hit_length_limit == 10
-    generate(model, vocab, prompts, tmp_path / "b", seed=4, batch_size=4, max_len=96)
+    generate(model, vocab, prompts, tmp_path / "b", seed=4, batch_size=3, part_size=4, max_len=96)
     for k in range(3):
         assert (tmp_path / "a" / f"part-{k:05d}.parquet").read_bytes() == (tmp_path / "b" / f"part-{k:05d}.parquet").read_bytes()
     full = read_generated(tmp_path / "a")
     (tmp_path / "a" / "part-00002.parquet").unlink()
     (tmp_path / "a" / "part-00000.parquet").unlink()
-    generate(model, vocab, prompts, tmp_path / "a", seed=4, batch_size=4, max_len=96)
+    generate(model, vocab, prompts, tmp_path / "a", seed=4, batch_size=3, part_size=4, max_len=96)
     assert read_generated(tmp_path / "a").equals(full)
-    # batch size does not change the records: each row's key depends on its number only
-    generate(model, vocab, prompts, tmp_path / "c", seed=4, batch_size=5, max_len=96)
+    # rows and part size do not change the records: each record's key depends on its number only
+    generate(model, vocab, prompts, tmp_path / "c", seed=4, batch_size=5, part_size=10, max_len=96)
     assert read_generated(tmp_path / "c").equals(full)
     with pytest.raises(ValueError, match="other settings"):
-        generate(model, vocab, prompts, tmp_path / "a", seed=5, batch_size=4, max_len=96)
+        generate(model, vocab, prompts, tmp_path / "a", seed=5, batch_size=3, part_size=4, max_len=96)
 
 
 def test_to_meds_valid_and_diagnoses_at_discharge(setup, tmp_path):
@@ -148,3 +148,17 @@ def test_stamp_at_discharge_moves_only_those_codes():
     assert out["code"].to_list() == ["SEX/F", "ADMISSION/URGENT", "ATC/A10BA02", "LAB/50912", "ICD10CM/E119", "DISCHARGE/HOME"]
     assert out.filter(pl.col("code") == "ICD10CM/E119")["time"].item() == ev["time"][5]
     assert out.filter(pl.col("code") == "ATC/A10BA02")["time"].item() == ev["time"][3]
+
+
+def test_stream_equals_batch_and_keeps_rows_busy(setup):
+    "Continuous batching: the same records as sampling all at once, in fewer steps than batches of the same rows."
+    d, vocab, model, real = setup
+    prompts = real_headers(real, vocab, 12, seed=8)
+    keys = row_keys(8, np.arange(12))
+    st = stream_tokens(model, vocab, prompts, keys, rows=4, max_len=120)
+    ref = sample_tokens(model, vocab, prompts, keys, max_len=120)
+    np.testing.assert_array_equal(st.tokens, ref.tokens)
+    np.testing.assert_array_equal(st.finished, ref.finished)
+    batched = sum(sample_tokens(model, vocab, prompts[i:i + 4], keys[i:i + 4], max_len=120).steps + len(prompts[i]) for i in (0, 4, 8))
+    assert st.steps < batched
+    assert not vocab.is_unk[st.tokens].any() and check_sequences([r[r != PAD] for r, f in zip(st.tokens, st.finished) if f], vocab).height == 0
