@@ -156,6 +156,15 @@ class RunConfig:
     rgcn_dim: int = 32 # RGCN width D (hierarchy embedding size)
     rgcn_steps: int = 100 # RGCN link-prediction training steps
     text_encoder: str = "" # BERT checkpoint directory for semantic embeddings; "" = the packaged all-MiniLM-L6-v2
+    # generation (07_generate)
+    n_synthetic: int = 24 # synthetic records to generate
+    prompts: str = "real" # "real": demographic headers of held-out records (as the seed); "unconditional": START_RECORD only
+    gen_rows: int = 16 # records in flight at once (continuous batching)
+    gen_max_len: int = 192 # tokens per synthetic record at most (<= the model context)
+    temperature: float = 1.0 # sampling temperature (0 = greedy)
+    top_p: float = 0.98 # nucleus sampling (the seed's 0.98)
+    top_k: int = 0 # keep the k most likely tokens (0 = off)
+    stamp_diagnoses: bool = True # ICD-10-CM codes at the end of their visit (MIMIC billing, as the seed)
 
     def __post_init__(self):
         for f in fields(self):
@@ -166,9 +175,13 @@ class RunConfig:
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 raise ConfigError(f"config field '{f.name}' must be {want.__name__}, got {type(v).__name__} {v!r}")
         if self.demo_subjects < 1: raise ConfigError(f"config field 'demo_subjects' must be >= 1, got {self.demo_subjects}")
-        for name, allowed in (("value_bins", ("shared", "per_lab")), ("packing", ("segments", "dense"))):
+        for name, allowed in (("value_bins", ("shared", "per_lab")), ("packing", ("segments", "dense")), ("prompts", ("real", "unconditional"))):
             if getattr(self, name) not in allowed: raise ConfigError(f"config field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         if self.context_len < 8: raise ConfigError(f"config field 'context_len' must be >= 8, got {self.context_len}")
+        if self.n_synthetic < 1 or self.gen_rows < 1 or self.gen_max_len < 8:
+            raise ConfigError(f"config fields 'n_synthetic', 'gen_rows' (>= 1) and 'gen_max_len' (>= 8): got {self.n_synthetic}, {self.gen_rows}, {self.gen_max_len}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"config fields 'temperature' (>= 0), 'top_p' (in (0, 1]), 'top_k' (>= 0): got {self.temperature}, {self.top_p}, {self.top_k}")
         if self.rgcn_dim < 2 or self.rgcn_steps < 1: raise ConfigError(f"config fields 'rgcn_dim' (>= 2) and 'rgcn_steps' (>= 1): got {self.rgcn_dim}, {self.rgcn_steps}")
         fr = self.split_fractions
         if len(fr) != 3 or any(x < 0 for x in fr) or abs(sum(fr) - 1) > 1e-6:
