@@ -165,6 +165,11 @@ class RunConfig:
     top_p: float = 0.98 # nucleus sampling (the seed's 0.98)
     top_k: int = 0 # keep the k most likely tokens (0 = off)
     stamp_diagnoses: bool = True # ICD-10-CM codes at the end of their visit (MIMIC billing, as the seed)
+    # KDE post-processing (08_postprocess)
+    kde_cells: int = 200 # grid cells per lab for the value densities
+    kde_bandwidth: str = "scott" # KDE bandwidth rule ("scott", "silverman") or a number as a string
+    kde_min_count: int = 10 # strata with fewer train values fall back to the uniform in-bin draw
+    kde_tails: bool = True # the outer value bins reach the observed train range (decode stops at P1/P99)
 
     def __post_init__(self):
         for f in fields(self):
@@ -237,6 +242,7 @@ class RunDir:
     tokenizer = property(lambda s: s.root/"tokenizer")
     tokens = property(lambda s: s.root/"tokens")
     knowledge = property(lambda s: s.root/"knowledge")
+    kde = property(lambda s: s.root/"kde")                     # KDE grids fitted on the train split
     model = property(lambda s: s.root/"model")
     synthetic = property(lambda s: s.root/"synthetic")          # raw/, meds/, kde/, audited/
     audit = property(lambda s: s.root/"audit")
