@@ -156,6 +156,20 @@ class RunConfig:
     rgcn_dim: int = 32 # RGCN width D (hierarchy embedding size)
     rgcn_steps: int = 100 # RGCN link-prediction training steps
     text_encoder: str = "" # BERT checkpoint directory for semantic embeddings; "" = the packaged all-MiniLM-L6-v2
+    # model and training (05_model, 06_train)
+    model_dim: int = 32 # decoder width D (the Coogee seed: 384)
+    model_layers: int = 2 # decoder layers (6)
+    model_heads: int = 4 # query heads (6)
+    model_kv_heads: int = 2 # key/value heads, < heads for grouped-query attention (2)
+    model_hidden: int = 64 # SwiGLU hidden width (1024)
+    use_hierarchy: bool = True # fuse the RGCN hierarchy vectors into the token embeddings
+    use_semantic: bool = True # fuse the text-encoder semantic vectors into the token embeddings
+    train_steps: int = 40 # optimiser updates
+    batch_size: int = 8 # rows of context_len tokens per update
+    lr: float = 0.01 # peak learning rate (warmup, then cosine decay)
+    warmup: int = 4 # linear warmup steps
+    eval_every: int = 10 # evaluate on the tuning split every this many steps
+    patience: int = 3 # evaluations without improvement before stopping early (0 = never)
     # generation (07_generate)
     n_synthetic: int = 24 # synthetic records to generate
     prompts: str = "real" # "real": demographic headers of held-out records (as the seed); "unconditional": START_RECORD only
@@ -183,6 +197,8 @@ class RunConfig:
         for name, allowed in (("value_bins", ("shared", "per_lab")), ("packing", ("segments", "dense")), ("prompts", ("real", "unconditional"))):
             if getattr(self, name) not in allowed: raise ConfigError(f"config field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         if self.context_len < 8: raise ConfigError(f"config field 'context_len' must be >= 8, got {self.context_len}")
+        for k in ("model_dim", "model_layers", "model_heads", "model_kv_heads", "model_hidden", "train_steps", "batch_size", "eval_every"):
+            if getattr(self, k) < 1: raise ConfigError(f"config field '{k}' must be >= 1, got {getattr(self, k)}")
         if self.n_synthetic < 1 or self.gen_rows < 1 or self.gen_max_len < 8:
             raise ConfigError(f"config fields 'n_synthetic', 'gen_rows' (>= 1) and 'gen_max_len' (>= 8): got {self.n_synthetic}, {self.gen_rows}, {self.gen_max_len}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:

@@ -51,7 +51,7 @@ def test_cli_run_ci_end_to_end(tmp_path):
     splits = read_splits(out / "input")
     assert splits.group_by("split").len().sort("split")["len"].to_list() == [30, 240, 30]
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) == {"data", "cohort", "tokenizer", "knowledge"} and min(timings.values()) > 0
+    assert set(timings) == {"data", "cohort", "tokenizer", "knowledge", "model", "generate", "kde"} and min(timings.values()) > 0
     # cohort: the same subjects and splits, every dropped event accounted for in stats.json
     cohort = read_meds(out / "cohort").collect()
     assert read_splits(out / "cohort").sort("subject_id").equals(splits.sort("subject_id"))
@@ -72,6 +72,20 @@ def test_cli_run_ci_end_to_end(tmp_path):
     assert not sem[0].any() and not hier[0].any()
     code_rows = vocab.table.filter(pl.col("code").str.starts_with("ICD10CM/"))["token_id"].to_numpy()
     assert hier[code_rows].any(axis=1).all() and sem[code_rows].any(axis=1).all()
+    # model: trained, its best tuning loss below the untrained log V, knowledge fused
+    summary = json.loads((out / "model" / "summary.json").read_text())
+    assert summary["best_loss"] < np.log(len(vocab)) - 1
+    mcfg = json.loads((out / "model" / "model_config.json").read_text())
+    assert mcfg["use_hierarchy"] and mcfg["use_semantic"] and mcfg["V"] == len(vocab)
+    # generation: every record accounted for; finished ones decoded to a MEDS dataset the meds schema accepts
+    from synehr.generate import read_generated
+    raw = read_generated(out / "synthetic" / "raw")
+    assert raw.height == 24 and raw["subject_id"].min() >= 10**9
+    synth = read_meds(out / "synthetic" / "meds", max_time=None).collect()
+    assert set(synth["subject_id"].unique()) == set(raw.filter("finished")["subject_id"])
+    post = read_meds(out / "synthetic" / "kde", max_time=None).collect()
+    assert post.select("subject_id", "code").equals(synth.select("subject_id", "code"))  # KDE moves values and times, not events
+    assert (out / "figures" / "train_loss.png").stat().st_size > 10_000
     assert (out / "figures" / "cohort_coverage.png").stat().st_size > 10_000
     assert (out / "figures" / "rgcn_link_prediction.png").stat().st_size > 10_000
 
