@@ -18,9 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'Attention', 'MLP', 'Block',
-           'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params', 'next_token_loss', 'KVCache', 'init_cache',
-           'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
+__all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'dense2d', 'Attention', 'MLP',
+           'Block', 'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params', 'next_token_loss', 'KVCache',
+           'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -43,6 +43,7 @@ class ModelConfig:
     dropout: float = 0.1 # dropout rate (embeddings, attention weights, residual branches); active only with a key
     tie_embeddings: bool = True # the output head is the transposed token embedding
     remat: bool = False # recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)
+    scan_layers: bool = False # run the layers with nnx.scan (one compiled body) instead of unrolled (faster steps on CPU)
     dtype: str = "float32" # compute dtype: "float32" or "bfloat16" (norms, softmax and logits stay float32)
     param_dtype: str = "float32" # dtype the parameters are stored in
     use_hierarchy: bool = False # add projected hierarchy (knowledge-graph) vectors to the token embedding
@@ -178,6 +179,10 @@ def write_slots(buf_BxSx_, # a per-row buffer of S slots (keys, values or segmen
     slots_BxT = index[:, None] + jnp.arange(new_BxTx_.shape[1])
     return buf_BxSx_.at[jnp.arange(buf_BxSx_.shape[0])[:, None], slots_BxT].set(new_BxTx_)
 
+def dense2d(f, x_Nx_xD):
+    "A linear map `f` over the last axis, applied to x flattened to 2D: one plain GEMM forward and backward (XLA's CPU backward is much slower when the weight gradient contracts over batch and time as two axes)."
+    return f(x_Nx_xD.reshape(-1, x_Nx_xD.shape[-1])).reshape(*x_Nx_xD.shape[:-1], -1)
+
 def _dense(cfg: ModelConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                       kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
@@ -192,16 +197,16 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, key=None):
         c = self.cfg
         B, T, _ = x_BxTxD.shape
-        q_BxTxHxDh = rope(self.q(x_BxTxD).reshape(B, T, c.H, c.Dh), positions_BxT, c.rope_theta)
-        k_BxTxKxDh = rope(self.k(x_BxTxD).reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
-        v_BxTxKxDh = self.v(x_BxTxD).reshape(B, T, c.K, c.Dh)
+        q_BxTxHxDh = rope(dense2d(self.q, x_BxTxD).reshape(B, T, c.H, c.Dh), positions_BxT, c.rope_theta)
+        k_BxTxKxDh = rope(dense2d(self.k, x_BxTxD).reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
+        v_BxTxKxDh = dense2d(self.v, x_BxTxD).reshape(B, T, c.K, c.Dh)
         if cache is None: k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
         else:
             ck_BxSxKxDh, cv_BxSxKxDh, index = cache
             k_BxSxKxDh, v_BxSxKxDh = write_slots(ck_BxSxKxDh, k_BxTxKxDh, index), write_slots(cv_BxSxKxDh, v_BxTxKxDh, index)
         o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxSxKxDh.astype(q_BxTxHxDh.dtype), v_BxSxKxDh.astype(q_BxTxHxDh.dtype),
                          mask_BxTxS, c.dropout, key)
-        return self.o(o_BxTxHxDh.reshape(B, T, c.H * c.Dh)), (k_BxTxKxDh, v_BxTxKxDh)
+        return dense2d(self.o, o_BxTxHxDh.reshape(B, T, c.H * c.Dh)), (k_BxTxKxDh, v_BxTxKxDh)
 
 # %% ../nbs/05_model.ipynb #da292561
 class MLP(nnx.Module):
@@ -211,7 +216,7 @@ class MLP(nnx.Module):
         self.down = _dense(cfg, cfg.F, cfg.D, rngs)
 
     def __call__(self, x_BxTxD):
-        return self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+        return dense2d(self.down, jax.nn.silu(dense2d(self.gate, x_BxTxD)) * dense2d(self.up, x_BxTxD))
 
 # %% ../nbs/05_model.ipynb #20602cd8
 class Block(nnx.Module):
@@ -247,7 +252,7 @@ class KnowledgeFusion(nnx.Module):
 
     def __call__(self, tokens_BxT):
         x_BxTxE = jnp.take(jax.lax.stop_gradient(self.vectors[...]), tokens_BxT, axis=0)
-        return (self.alpha[...] * self.norm(self.proj(x_BxTxE))).astype(self.norm.dtype)
+        return (self.alpha[...] * self.norm(dense2d(self.proj, x_BxTxE))).astype(self.norm.dtype)
 
 # %% ../nbs/05_model.ipynb #d71718c9
 def _count(tree) -> int: return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -292,10 +297,19 @@ class Decoder(nnx.Module):
             return h_BxTxD, (kv if cache is not None else None)
         if c.remat: layer = nnx.remat(layer, graph=False)
         ck_LxBxSxKxDh, cv_LxBxSxKxDh = (None, None) if cache is None else cache[:2]
-        h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(
-            h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxSxKxDh, cv_LxBxSxKxDh)
+        if c.scan_layers:  # one compiled layer body: fast compiles for deep models
+            h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(
+                h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxSxKxDh, cv_LxBxSxKxDh)
+        else:  # the layers unrolled, each a static slice of the stacked parameters: faster steps on CPU
+            graphdef, stacked = nnx.split(self.layers)
+            kvs = []
+            for i in range(c.L):
+                block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked))
+                h_BxTxD, kv_i = layer(h_BxTxD, block, i, None if cache is None else ck_LxBxSxKxDh[i], None if cache is None else cv_LxBxSxKxDh[i])
+                kvs.append(kv_i)
+            kv = None if cache is None else tuple(jnp.stack(x) for x in zip(*kvs))
         h_BxTxD = self.norm(h_BxTxD)
-        logits_BxTxV = self.embed.attend(h_BxTxD) if self.head is None else self.head(h_BxTxD)
+        logits_BxTxV = dense2d(self.embed.attend if self.head is None else self.head, h_BxTxD)
         return logits_BxTxV.astype(jnp.float32), kv
 
     def __call__(self, tokens_BxT, # token ids

@@ -384,3 +384,21 @@ def test_per_row_cache_index(model, cfg):
     lg, rows = jax.jit(decode_step)(model, rows, nxt, pos, seg)
     np.testing.assert_allclose(lg[1], fresh, atol=1e-4)
     assert rows.index.tolist() == [T + 1, 1]
+
+
+def test_scanned_and_unrolled_layers_agree():
+    "scan_layers only changes how the same stacked parameters are run: logits, cache and gradients agree."
+    import dataclasses
+    cfg_u = ModelConfig.tiny(V=50, L=3)
+    cfg_s = dataclasses.replace(cfg_u, scan_layers=True)
+    mu, ms = Decoder(cfg_u, rngs=nnx.Rngs(3)), Decoder(cfg_s, rngs=nnx.Rngs(3))
+    x = jax.random.randint(jax.random.key(4), (2, 12), 1, 50)
+    np.testing.assert_allclose(mu(x), ms(x), atol=1e-5)
+    gu = nnx.grad(lambda m: m(x).sum())(mu)
+    gs = nnx.grad(lambda m: m(x).sum())(ms)
+    for a, b in zip(jax.tree.leaves(gu), jax.tree.leaves(gs)): np.testing.assert_allclose(a, b, atol=1e-4)
+    cu, cs = init_cache(cfg_u, 2, 16), init_cache(cfg_s, 2, 16)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    (lu, cu), (ls, cs) = extend(mu, cu, x, pos), extend(ms, cs, x, pos)
+    np.testing.assert_allclose(lu, ls, atol=1e-5)
+    np.testing.assert_allclose(cu.k, cs.k, atol=1e-5)
