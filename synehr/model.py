@@ -43,7 +43,7 @@ class ModelConfig:
     dropout: float = 0.1 # dropout rate (embeddings, attention weights, residual branches); active only with a key
     tie_embeddings: bool = True # the output head is the transposed token embedding
     remat: bool = False # recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)
-    scan_layers: bool = False # run the layers with nnx.scan (one compiled body) instead of unrolled (faster steps on CPU)
+    scan_layers: bool = False # run the layers with nnx.scan (one compiled body) instead of unrolled (faster training steps on CPU); KV-cached decoding always scans
     dtype: str = "float32" # compute dtype: "float32" or "bfloat16" (norms, softmax and logits stay float32)
     param_dtype: str = "float32" # dtype the parameters are stored in
     use_hierarchy: bool = False # add projected hierarchy (knowledge-graph) vectors to the token embedding
@@ -297,10 +297,10 @@ class Decoder(nnx.Module):
             return h_BxTxD, (kv if cache is not None else None)
         if c.remat: layer = nnx.remat(layer, graph=False)
         ck_LxBxSxKxDh, cv_LxBxSxKxDh = (None, None) if cache is None else cache[:2]
-        if c.scan_layers:  # one compiled layer body: fast compiles for deep models
+        if c.scan_layers or cache is not None:  # one compiled layer body: fast compiles, and the faster KV-cached decode
             h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(
                 h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxSxKxDh, cv_LxBxSxKxDh)
-        else:  # the layers unrolled, each a static slice of the stacked parameters: faster steps on CPU
+        else:  # training: the layers unrolled, each a static slice of the stacked parameters (faster steps on CPU)
             graphdef, stacked = nnx.split(self.layers)
             kvs = []
             for i in range(c.L):
