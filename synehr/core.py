@@ -52,8 +52,9 @@ def make_rng(seed: int, # the run's seed
     return np.random.default_rng([int(seed), *(_name_id(n) for n in names)])
 
 # %% ../nbs/00_core.ipynb #9fa6ffa4
-def _umask() -> int:
+def _read_umask() -> int:
     m = os.umask(0); os.umask(m); return m
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it, which would race with other threads
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, # final location of the file or directory
@@ -77,7 +78,7 @@ def atomic_path(path: str | Path, # final location of the file or directory
             tmp.rename(path)
             if old is not None: shutil.rmtree(old)
         else:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the artefact the usual permissions
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the artefact the usual permissions
             os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)

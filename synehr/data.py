@@ -101,8 +101,9 @@ def _check_frame(df: pl.DataFrame, # events cast to EVENT_SCHEMA
     checks += [("numeric_value", "non-finite value (NaN or infinity)", v.is_nan() | v.is_infinite()),
                ("subject_id", "rows not sorted by subject_id (each subject's rows must be contiguous and ascending)", sid < prev_sid),
                ("time", "rows not sorted by time within the subject (static null-time rows first)",
-                (sid == prev_sid) & ((t < prev_t) | (t.is_null() & prev_t.is_not_null()))),
-               ("code", "duplicate row (same subject_id, time, code and values as an earlier row)",
+                (sid == prev_sid) & ((t < prev_t) | (t.is_null() & prev_t.is_not_null())))]
+    dup = len(checks)
+    checks += [("code", "duplicate row (same subject_id, time, code and values as an earlier row)",
                 ~_row_hash().is_first_distinct()),  # a screen: confirmed column by column below
                ("code", f"more than one {BIRTH} for a subject", (code == BIRTH) & (births > 1)),
                ("time", f"event before the subject's {BIRTH}", t < t.filter(code == BIRTH).min().over("subject_id"))]
@@ -111,7 +112,6 @@ def _check_frame(df: pl.DataFrame, # events cast to EVENT_SCHEMA
         checks.append(("time", f"event in the future (after {mt:%Y-%m-%d %H:%M})", t > mt))
     first = df.select([m.fill_null(False).arg_true().first().alias(str(i)) for i, (_, _, m) in enumerate(checks)]).row(0)
     hits = {i: r for i, r in enumerate(first) if r is not None}
-    dup = next(i for i, (_, p, _) in enumerate(checks) if p.startswith("duplicate row"))
     if dup in hits:  # equal hashes may collide: the exact test, only when the screen fires
         checks[dup] = (*checks[dup][:2], ~pl.struct(EVENT_SCHEMA.keys()).is_first_distinct())
         hits[dup] = df.select(checks[dup][2].arg_true().first()).item()

@@ -19,6 +19,7 @@ from scipy.special import ndtr
 from .core import RunConfig, get_logger, write_json, write_parquet
 from .data import BIRTH, DEATH, EVENT_SCHEMA, read_meds
 from .tokenizer import GAP_BASE, GAP_TOKENS, MIN_US, N_VALUE_BINS, Vocab, gap_bucket, value_bins
+from .generate import merge_repeats
 
 # %% auto #0
 __all__ = ['METHODS', 'GRID_PARAMS', 'FIELDS', 'KDEConfigError', 'KDEVariable', 'parse_kde_config', 'gap_rows', 'gaps_table',
@@ -547,10 +548,11 @@ class KDEReport:
     gaps: int = 0 # gap tokens whose duration was redrawn
     gaps_kept: int = 0 # kept (no grid for the context and bucket)
     labs_moved: float = 0.0 # mean |new - old| / (bin width), a sanity number
+    repeats: int = 0 # events that became copies of another (equal results redrawn to one value at one time), merged
     def to_dict(self) -> dict: return dict(self.__dict__)
     def _repr_markdown_(self):
         return (f"**KDEReport** lab values: {self.labs:,} redrawn, {self.labs_kept:,} kept; "
-                f"time gaps: {self.gaps:,} redrawn, {self.gaps_kept:,} kept")
+                f"time gaps: {self.gaps:,} redrawn, {self.gaps_kept:,} kept; {self.repeats:,} repeated events merged")
 
 def kde_postprocess(events: pl.DataFrame, # decoded MEDS events (subject_id, time order; static rows first)
                     vocab: Vocab, # the vocabulary the events were decoded with
@@ -615,7 +617,9 @@ def kde_postprocess(events: pl.DataFrame, # decoded MEDS events (subject_id, tim
         times[row] = t_new
     out = ev.with_columns(time=pl.when(pl.col("time").is_not_null()).then(pl.Series(times, dtype=pl.Int64).cast(pl.Datetime("us"))),
                           numeric_value=pl.when(pl.col("numeric_value").is_not_null()).then(pl.Series(val, dtype=pl.Float32)))
-    return out.select([pl.col(c).cast(d) for c, d in EVENT_SCHEMA.items()]), rep
+    out, dup = merge_repeats(out.select([pl.col(c).cast(d) for c, d in EVENT_SCHEMA.items()]))  # MEDS has no duplicate rows
+    rep.repeats = dup.height
+    return out, rep
 
 # %% ../nbs/08_postprocess.ipynb #d68d7ab0
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
