@@ -26,7 +26,7 @@ import yaml
 
 # %% auto #0
 __all__ = ['make_key', 'make_rng', 'atomic_path', 'write_bytes', 'write_text', 'write_json', 'write_parquet', 'get_logger',
-           'progress', 'ConfigError', 'RunConfig', 'RunDir']
+           'progress', 'ConfigError', 'check_field_types', 'strict_from_dict', 'RunConfig', 'RunDir']
 
 # %% ../nbs/00_core.ipynb #aae724e6
 for _old, _new in (("tree_map", jax.tree.map), ("tree_leaves", jax.tree.leaves)):
@@ -131,6 +131,22 @@ def progress(iterable=None, # what to iterate over
 # %% ../nbs/00_core.ipynb #9a0f4a40
 class ConfigError(ValueError):
     "A run configuration that cannot be used (unknown key, wrong type, bad value)."
+
+def check_field_types(obj, # a frozen dataclass whose fields are annotated "bool", "int", "float" or "str"
+                      error=ConfigError, # the exception to raise
+                     ):
+    "Refuse a field of the wrong type, naming it (`Name.field`); an int given for a float field becomes a float."
+    for f in fields(obj):
+        v, t = getattr(obj, f.name), f.type
+        if t == "float" and isinstance(v, int) and not isinstance(v, bool): object.__setattr__(obj, f.name, float(v)); continue
+        ok = isinstance(v, bool) if t == "bool" else (isinstance(v, int) and not isinstance(v, bool)) if t == "int" \
+            else isinstance(v, float) if t == "float" else isinstance(v, str)
+        if not ok: raise error(f"{type(obj).__name__}.{f.name} must be {t}, got {v!r}")
+
+def strict_from_dict(cls, d: dict, error=ConfigError):
+    "`cls(**d)` for a config saved with `to_dict`; unknown keys are an error naming them."
+    if unknown := sorted(set(d) - {f.name for f in fields(cls)}): raise error(f"{cls.__name__}: unknown keys {unknown}")
+    return cls(**d)
 
 @dataclass(frozen=True)
 class RunConfig:

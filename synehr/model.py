@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .core import ConfigError
+from .core import ConfigError, check_field_types, strict_from_dict
 
 # %% auto #0
 __all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'dense2d', 'Attention', 'MLP',
@@ -52,11 +52,7 @@ class ModelConfig:
     Es: int = 768 # width of the semantic vectors
 
     def __post_init__(self):
-        for f in fields(self):
-            v, t = getattr(self, f.name), f.type
-            ok = isinstance(v, bool) if t == "bool" else (isinstance(v, int) and not isinstance(v, bool)) if t == "int" \
-                else isinstance(v, (int, float)) and not isinstance(v, bool) if t == "float" else isinstance(v, str)
-            if not ok: raise ConfigError(f"ModelConfig.{f.name} must be {t}, got {v!r}")
+        check_field_types(self)
         for k in ("V", "D", "H", "K", "L", "F", "T", "Eh", "Es"):
             if getattr(self, k) < 1: raise ConfigError(f"ModelConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.D % self.H: raise ConfigError(f"ModelConfig: D={self.D} is not a multiple of H={self.H}")
@@ -88,9 +84,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         "The config saved by `to_dict` (unknown keys are an error)."
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown: raise ConfigError(f"ModelConfig: unknown keys {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
     @property
     def n_params(self) -> int:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
-from .core import atomic_path, get_logger, make_rng, progress, write_json
+from .core import atomic_path, check_field_types, get_logger, make_rng, progress, write_json
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -93,11 +93,7 @@ class BertConfig:
     precision: str = "highest" # matmul precision; "highest" keeps float32 on GPU/TPU, "default" allows TF32/bf16 passes
 
     def __post_init__(self):
-        for f in fields(self):
-            v, t = getattr(self, f.name), f.type
-            ok = isinstance(v, bool) if t == "bool" else (isinstance(v, int) and not isinstance(v, bool)) if t == "int" \
-                else isinstance(v, (int, float)) and not isinstance(v, bool) if t == "float" else isinstance(v, str)
-            if not ok: raise CheckpointError(f"BertConfig.{f.name} must be {t}, got {v!r}")
+        check_field_types(self, CheckpointError)
         for k in ("V", "D", "H", "L", "F", "T", "Y"):
             if getattr(self, k) < 1: raise CheckpointError(f"BertConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.D % self.H: raise CheckpointError(f"BertConfig: D={self.D} is not a multiple of H={self.H}")

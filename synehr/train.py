@@ -22,7 +22,7 @@ import optax
 import polars as pl
 from flax import nnx
 
-from .core import ConfigError, RunConfig, RunDir, atomic_path, get_logger, make_key, write_json, write_text
+from .core import ConfigError, RunConfig, RunDir, atomic_path, check_field_types, get_logger, make_key, strict_from_dict, write_json, write_text
 from .model import Decoder, Knowledge, ModelConfig, data_mesh, next_token_loss, replicate, shard_batch
 from .tokenizer import PAD, Vocab, make_batches, read_tokens
 
@@ -56,12 +56,7 @@ class TrainConfig:
     wandb_project: str = "synehr" # the W&B project
 
     def __post_init__(self):
-        for f in fields(self):
-            v, t = getattr(self, f.name), f.type
-            if t == "float" and isinstance(v, int) and not isinstance(v, bool): object.__setattr__(self, f.name, float(v)); continue
-            ok = isinstance(v, bool) if t == "bool" else (isinstance(v, int) and not isinstance(v, bool)) if t == "int" \
-                else isinstance(v, float) if t == "float" else isinstance(v, str)
-            if not ok: raise ConfigError(f"TrainConfig.{f.name} must be {t}, got {v!r}")
+        check_field_types(self)
         for k in ("steps", "batch_size", "eval_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
         for k in ("warmup", "patience", "ckpt_every", "clip", "weight_decay", "min_delta"):
@@ -79,9 +74,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         "The config saved by `to_dict` (unknown keys are an error)."
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown: raise ConfigError(f"TrainConfig: unknown keys {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
     def hash(self) -> str:
         "A short hash of the fields that change the trained parameters (not wandb)."
