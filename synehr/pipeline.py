@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import synehr
@@ -34,11 +35,11 @@ def load_params(path: str | Path | None = None, # a YAML parameter file (flat ke
     return cfg
 
 # %% ../nbs/12_pipeline.ipynb #4c187dc9
-def _local_kernel_manager():
-    "A kernel manager whose kernel talks to papermill over local IPC sockets, not TCP ports: nothing of a run is reachable from the network."
+def _local_kernel_manager(sock_dir: Path):
+    "A kernel manager whose kernel talks to papermill over IPC sockets in the private folder `sock_dir`, not TCP ports: nothing of a run is reachable from the network."
     from jupyter_client.manager import KernelManager
     class LocalKernelManager(KernelManager):
-        def __init__(self, **kw): super().__init__(**{"transport": "ipc", **kw})
+        def __init__(self, **kw): super().__init__(**{"transport": "ipc", "ip": str(sock_dir/"kernel"), **kw})
     return LocalKernelManager
 
 def run_pipeline(cfg: RunConfig, # checked run configuration
@@ -53,8 +54,9 @@ def run_pipeline(cfg: RunConfig, # checked run configuration
     run.write_config(cfg)
     nbs = project_root()/"nbs"
     get_logger().info(f"running {notebook} into {run.root}")
-    pm.execute_notebook(str(nbs/notebook), str(run.root/notebook), parameters=cfg.to_dict(), cwd=str(nbs),
-                        progress_bar=False, log_output=False, kernel_name="python3", kernel_manager_class=_local_kernel_manager())
+    with tempfile.TemporaryDirectory(prefix="synehr-kernel-") as sock:  # mode 0700; the sockets go with it
+        pm.execute_notebook(str(nbs/notebook), str(run.root/notebook), parameters=cfg.to_dict(), cwd=str(nbs), progress_bar=False,
+                            log_output=False, kernel_name="python3", kernel_manager_class=_local_kernel_manager(Path(sock)))
     return run.root
 
 # %% ../nbs/12_pipeline.ipynb #c6b13705
