@@ -201,6 +201,18 @@ class RunConfig:
     kde_bandwidth: str = "scott" # KDE bandwidth rule ("scott", "silverman") or a number as a string
     kde_min_count: int = 10 # strata with fewer train values fall back to the uniform in-bin draw
     kde_tails: bool = True # the outer value bins reach the observed train range (decode stops at P1/P99)
+    # audit (09a_rules, 09b_critic, 09c_judge, 09d_audit)
+    audit_keep: tuple = ("rules", "critic") # judges a kept record must pass, of "rules", "critic", "llm"
+    critic_threshold: float = 5.0 # a record passes the critic at a score (10 x calibrated P(real)) >= this
+    judge_endpoint: str = "" # OpenAI-compatible base URL of an LLM judge, e.g. "http://127.0.0.1:8080/v1"; "" = none
+    judge_gguf: str = "" # or a GGUF model file that the run serves itself with llama.cpp on 127.0.0.1
+    judge_model: str = "" # model name sent to the endpoint ("" = the server's default)
+    judge_allow_remote: bool = False # allow an endpoint off this machine: patient timelines then leave it
+    judge_threshold: float = 7.0 # realism score (1-10) a record needs to pass the LLM judge (the seed's 7)
+    judge_max_records: int = 0 # judge at most this many synthetic (and as many real) records; 0 = all
+    # evaluation (10a_fidelity, 10b_utility, 10c_privacy, 10d_evaluate)
+    prompt_split: str = "tuning" # split whose headers prompt generation; evaluation compares with held_out (the seed: prompts from the split it compares with)
+    eval_boot: int = 200 # bootstrap resamples behind every confidence interval
 
     def __post_init__(self):
         for f in fields(self):
@@ -221,6 +233,19 @@ class RunConfig:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError(f"config fields 'temperature' (>= 0), 'top_p' (in (0, 1]), 'top_k' (>= 0): got {self.temperature}, {self.top_p}, {self.top_k}")
         if self.rgcn_dim < 2 or self.rgcn_steps < 1: raise ConfigError(f"config fields 'rgcn_dim' (>= 2) and 'rgcn_steps' (>= 1): got {self.rgcn_dim}, {self.rgcn_steps}")
+        if bad := [j for j in self.audit_keep if j not in ("rules", "critic", "llm")]:
+            raise ConfigError(f"config field 'audit_keep' must list judges of ('rules', 'critic', 'llm'), got {bad}")
+        if not 0 <= self.critic_threshold <= 10 or not 0 <= self.judge_threshold <= 10 or self.judge_max_records < 0 or self.eval_boot < 0:
+            raise ConfigError(f"config fields 'critic_threshold', 'judge_threshold' (in [0, 10]), 'judge_max_records', 'eval_boot' (>= 0): "
+                              f"got {self.critic_threshold}, {self.judge_threshold}, {self.judge_max_records}, {self.eval_boot}")
+        if self.judge_endpoint and self.judge_gguf:
+            raise ConfigError("config fields 'judge_endpoint' and 'judge_gguf': set one of them, not both")
+        if "llm" in self.audit_keep and not (self.judge_endpoint or self.judge_gguf):
+            raise ConfigError("config field 'audit_keep' has 'llm' but no judge is configured: set 'judge_endpoint' or 'judge_gguf'")
+        if "llm" in self.audit_keep and self.judge_max_records:
+            raise ConfigError("config field 'audit_keep' has 'llm', so the judge must score every record: set 'judge_max_records' to 0")
+        if self.prompt_split not in ("train", "tuning", "held_out"):
+            raise ConfigError(f"config field 'prompt_split' must be one of ('train', 'tuning', 'held_out'), got {self.prompt_split!r}")
         fr = self.split_fractions
         if len(fr) != 3 or any(x < 0 for x in fr) or abs(sum(fr) - 1) > 1e-6:
             raise ConfigError(f"config field 'split_fractions' must be three non-negative numbers summing to 1, got {fr}")
