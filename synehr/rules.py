@@ -5,10 +5,26 @@
 # %% ../nbs/09a_rules.ipynb #d0e794e1
 from __future__ import annotations
 
+import math
+import re
+import time as _time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import polars as pl
 
+from .data import BIRTH, DEATH
+from .demo import DATA_DIR, RULE_SCHEMA, TEMPORAL, FORMULAS, load_rules, prefixes, _md_table
+
 # %% auto #0
-__all__ = ['SCORES_SCHEMA', 'empty_scores']
+__all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'GROUPS', 'ERROR_FACTOR', 'WARNING_FACTOR', 'VIOLATIONS_SCHEMA',
+           'PER_RECORD_SCHEMA', 'TOTALS_SCHEMA', 'empty_scores', 'derive_icd10cm_rules', 'icd10cm_rules',
+           'audit_rule_table', 'write_icd10cm_rules', 'AuditError', 'check_events', 'Packed', 'pack_events', 'chunks',
+           'chunk_arrays', 'RuleTensors', 'compile_rules', 'RuleAudit', 'audit_rules']
 
 # %% ../nbs/09a_rules.ipynb #620d55a4
 SCORES_SCHEMA = {"subject_id": pl.Int64, "judge": pl.String, "score": pl.Float64, "passed": pl.Boolean,
@@ -17,3 +33,533 @@ SCORES_SCHEMA = {"subject_id": pl.Int64, "judge": pl.String, "score": pl.Float64
 def empty_scores() -> pl.DataFrame:
     "An empty judge-scores frame with `SCORES_SCHEMA`."
     return pl.DataFrame(schema=SCORES_SCHEMA)
+
+# %% ../nbs/09a_rules.ipynb #6d75d2d4
+_FEMALE = re.compile(r"female (genital|pelvic)|\buter|\bovar|cervix|fallopian|vulva|vagin|endometri|female infertility", re.I)
+_MALE = re.compile(r"\bmale genital|prostat|\btestic|\btestis|\bpenis|scrot|hypospadias|epididym|seminal|spermatic|\bmale infertility", re.I)
+_SEX_CHAPTERS = ("2", "14", "17")  # neoplasms, genitourinary system, congenital malformations
+MATERNITY_AGE = (12.0, 55.0)  # Medicare Code Editor maternity edit (years)
+
+def _icd_prefix(node: str) -> list:
+    "The kit's code prefixes of an ICD-10-CM node: a block's categories, else the code without its dot."
+    import simple_icd_10_cm as icd
+    if icd.is_chapter_or_block(node): return [p for ch in icd.get_children(node) for p in _icd_prefix(ch)]
+    return ["ICD10CM/" + node.replace(".", "")]
+
+def derive_icd10cm_rules() -> pl.DataFrame:
+    "Sex- and age-specific rules derived from the packaged ICD-10-CM tabular list, in the rule table's schema."
+    import simple_icd_10_cm as icd
+    from importlib.metadata import version
+    src = f"ICD-10-CM tabular list (simple-icd-10-cm {version('simple-icd-10-cm')})"
+    found = {}  # (sex, block) -> [(node, title)]
+    def walk(node, block):
+        d = icd.get_description(node)
+        f, m = bool(_FEMALE.search(d)), bool(_MALE.search(d))
+        if f != m: found.setdefault(("F" if f else "M", block), []).append((node, d)); return
+        if not icd.is_chapter_or_block(node) and len(node.replace(".", "")) >= 4: return
+        for ch in icd.get_children(node): walk(ch, ch if icd.is_block(ch) else block)
+    for ch in _SEX_CHAPTERS: walk(ch, ch)
+    rows = []
+    base = dict.fromkeys(RULE_SCHEMA)
+    for (sex, block), nodes in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        whole = len(nodes) == 1 and nodes[0][0] == block
+        what = nodes[0][1] if whole else "; ".join(f"{n} {d}" for n, d in nodes)
+        rows.append({**base, "rule_id": f"ICD_SEX_{sex}_{block}", "kind": "sex_specific", "severity": "error", "scope": "event",
+                     "code_prefix": "|".join(p for n, _ in nodes for p in _icd_prefix(n)), "sex": sex, "min_rate": 1.0,
+                     "description": f"{'Female' if sex == 'F' else 'Male'} records only: {what}",
+                     "source": f"{src}: titles in block {block}"})
+    def notes(node):
+        n = icd.get_notes(node)
+        if re.search(r"only on (the )?maternal records?", n, re.I): yield node, "maternal", n
+        if re.search(r"on newborn records only", n, re.I): yield node, "newborn", n
+        if icd.is_chapter_or_block(node):
+            for ch in icd.get_children(node): yield from notes(ch)
+    for node, kind, note in (x for ch in map(str, range(1, 23)) for x in notes(ch)):
+        ps = "|".join(_icd_prefix(node))
+        title = icd.get_description(node)
+        quote = re.search(r"[^\n]*(maternal|newborn) records?[^\n]*", note, re.I).group(0).strip()
+        where = f"{src}: note at {'chapter ' if icd.is_chapter(node) else ''}{node} ('{quote}')"
+        tag = node if not icd.is_chapter(node) else re.search(r"\(([^)]*)\)\s*$", title).group(1)
+        if kind == "maternal":
+            rows.append({**base, "rule_id": f"ICD_MAT_SEX_{tag}", "kind": "sex_specific", "severity": "error", "scope": "event",
+                         "code_prefix": ps, "sex": "F", "min_rate": 1.0, "description": f"Maternal records only (female): {title}",
+                         "source": where})
+            rows.append({**base, "rule_id": f"ICD_MAT_AGE_{tag}", "kind": "age_specific", "severity": "error", "scope": "event",
+                         "code_prefix": ps, "min_age": MATERNITY_AGE[0], "max_age": MATERNITY_AGE[1], "min_rate": 1.0,
+                         "description": f"Maternal records only (age {MATERNITY_AGE[0]:.0f}-{MATERNITY_AGE[1]:.0f}): {title}",
+                         "source": where + "; ages: CMS Medicare Code Editor maternity edit"})
+        else:
+            rows.append({**base, "rule_id": f"ICD_NEWBORN_{tag}", "kind": "age_specific", "severity": "warning", "scope": "event",
+                         "code_prefix": ps, "min_age": 0.0, "max_age": 0.0, "min_rate": 0.9,
+                         "description": f"Newborn records (age 0): {title}; a warning, as a perinatal condition may be coded for life",
+                         "source": where + "; ICD-10-CM Official Guidelines I.C.16.a.4"})
+    return pl.DataFrame(rows, schema=RULE_SCHEMA)
+
+ICD10CM_RULES = DATA_DIR/"icd10cm_edits.csv"
+
+def icd10cm_rules(path: str | Path | None = None, # the shipped table, data/icd10cm_edits.csv by default
+                 ) -> pl.DataFrame:
+    "The ICD-10-CM sex and age rules as shipped (written by `derive_icd10cm_rules`; the notebook checks they agree)."
+    return load_rules(path or ICD10CM_RULES)
+
+def audit_rule_table(rules: pl.DataFrame | str | Path | None = None, # rule table (the kit's data/clinical_rules.csv by default)
+                     icd10cm: bool = True, # add the ICD-10-CM sex and age rules (`icd10cm_rules`)
+                    ) -> pl.DataFrame:
+    "The rules the auditor checks: the clinical rule table plus, by default, ICD-10-CM's own edits."
+    table = rules if isinstance(rules, pl.DataFrame) else load_rules(rules)
+    missing = [c for c in RULE_SCHEMA if c not in table.columns]
+    if missing: raise ValueError(f"rule table: missing column(s) {missing}")
+    table = table.select([pl.col(c).cast(t) for c, t in RULE_SCHEMA.items()])
+    return pl.concat([table, icd10cm_rules()]) if icd10cm else table
+
+# %% ../nbs/09a_rules.ipynb #71ebb3c6
+def write_icd10cm_rules(path: str | Path | None = None) -> Path:
+    "Write `derive_icd10cm_rules()` as the shipped CSV."
+    from synehr.core import write_text
+    path = Path(path or ICD10CM_RULES)
+    write_text(path, derive_icd10cm_rules().write_csv())
+    return path
+
+# %% ../nbs/09a_rules.ipynb #88de58d7
+_YEAR_US = 365.25 * 86_400_000_000  # the demo's whole-year age: floor((t - birth) / 365.25 days)
+_NULL_T = np.iinfo(np.int64).min
+_BIG = np.iinfo(np.int32).max
+_NEED = {"subject_id": lambda t: t.is_integer(), "time": lambda t: isinstance(t, (pl.Datetime, pl.Date)) or t == pl.Null,
+         "code": lambda t: t in (pl.String, pl.Categorical) or isinstance(t, pl.Enum),
+         "numeric_value": lambda t: t.is_numeric() or t == pl.Null}
+
+class AuditError(ValueError):
+    "Events the rule auditor cannot read; names the column (and a subject where one is at fault)."
+
+def check_events(events: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    "The four MEDS columns the auditor reads, with their types checked, sorted by subject_id and time (nulls first)."
+    if not isinstance(events, (pl.DataFrame, pl.LazyFrame)):
+        raise AuditError(f"events: expected a polars DataFrame or LazyFrame, got {type(events).__name__}")
+    schema = events.collect_schema()
+    for c, ok in _NEED.items():
+        if c not in schema: raise AuditError(f"events: missing column '{c}' (the auditor needs {list(_NEED)})")
+        if not ok(schema[c]): raise AuditError(f"events: column '{c}' has type {schema[c]}, expected {'an integer' if c == 'subject_id' else 'a datetime' if c == 'time' else 'a string' if c == 'code' else 'a number'}")
+    df = events.lazy().select(pl.col("subject_id").cast(pl.Int64), pl.col("time").cast(pl.Datetime("us")),
+                              pl.col("code").cast(pl.String), pl.col("numeric_value").cast(pl.Float32)).collect()
+    for c in ("subject_id", "code"):
+        if n := df[c].null_count():
+            sid = df.filter(pl.col(c).is_null())["subject_id"][0]
+            raise AuditError(f"events: column '{c}' has {n} null value(s)" + (f" (first: subject_id={sid})" if c == "code" else ""))
+    return df.sort("subject_id", "time", nulls_last=False, maintain_order=True)
+
+def _pow2(x: int, lo: int = 1) -> int: return max(lo, 1 << max(0, int(x) - 1).bit_length())
+
+@dataclass
+class Packed:
+    "A cohort's events as flat numpy columns plus record offsets (rows of `events`, sorted by subject and time)."
+    events: pl.DataFrame       # the checked, sorted events
+    codes: list                # the code table: code index -> code
+    subjects: np.ndarray       # [S] subject ids
+    offsets: np.ndarray        # [S + 1] first row of each record
+    sex: np.ndarray            # [S] 0 unknown, 1 F, 2 M
+    code: np.ndarray           # [E] code index
+    tgroup: np.ndarray         # [E] time group: dense over (record, time) across the cohort; -1 for a null time
+    sec: np.ndarray            # [E] whole seconds since the record's first timed event (not MEDS_BIRTH), int32
+    value: np.ndarray          # [E] float32, NaN for null
+    age: np.ndarray            # [E] whole years at the event; -1 where unknown (no birth, or a null time)
+    n_adm: np.ndarray          # [S] stays per record (the more of admissions and discharges)
+
+def pack_events(events: pl.DataFrame | pl.LazyFrame) -> Packed:
+    "Check and sort the events, index their codes and compute each event's rank, seconds and age (host side, 64-bit)."
+    df = check_events(events)
+    codes = df["code"].unique().sort()
+    code = (df["code"].rank("dense").cast(pl.Int32) - 1).to_numpy()
+    sid = df["subject_id"].to_numpy()
+    t = df["time"].to_physical().fill_null(_NULL_T).to_numpy()
+    n = len(df)
+    starts = np.ones(n, bool)
+    if n: starts[1:] = sid[1:] != sid[:-1]
+    offs = np.r_[np.flatnonzero(starts), n]
+    si = np.cumsum(starts) - 1
+    timed = t != _NULL_T
+    new = starts.copy()
+    if n: new[1:] |= t[1:] != t[:-1]
+    tgroup = np.cumsum(new & timed) - 1
+    tgroup[~timed] = -1
+    cl = codes.to_list()
+    def lut(pred): return np.array([pred(x) for x in cl] or [False], bool)
+    is_birth = lut(lambda x: x == BIRTH)[code] if n else np.zeros(0, bool)
+    S = len(offs) - 1
+    def per_subject_min(x):
+        out = np.full(S, np.iinfo(np.int64).max)
+        np.minimum.at(out, si, x)
+        return out
+    origin = per_subject_min(np.where(timed & ~is_birth, t, np.iinfo(np.int64).max))
+    birth = per_subject_min(np.where(timed & is_birth, t, np.iinfo(np.int64).max))
+    has_o, has_b = origin[si] != np.iinfo(np.int64).max, birth[si] != np.iinfo(np.int64).max
+    sec = np.where(timed & has_o, (t - np.where(has_o, origin[si], 0)) // 1_000_000, 0)
+    sec = np.clip(sec, -_BIG, _BIG).astype(np.int32)
+    age = np.where(timed & has_b, np.floor((t - np.where(has_b, birth[si], 0)) / _YEAR_US), -1).astype(np.int32)
+    sx = lut(lambda x: x in ("SEX/F", "SEX/M"))[code] if n else np.zeros(0, bool)
+    sex = np.zeros(S, np.int8)
+    f = np.flatnonzero(sx)
+    f = f[np.r_[True, si[f][1:] != si[f][:-1]]] if len(f) else f  # the first SEX row of each record
+    sex[si[f]] = np.where(np.asarray(cl, dtype=object)[code[f]] == "SEX/F", 1, 2)
+    adm, dis = lut(lambda x: x.startswith("ADMISSION/"))[code], lut(lambda x: x.startswith("DISCHARGE/"))[code]
+    n_adm = np.maximum(np.bincount(si[adm], minlength=S), np.bincount(si[dis], minlength=S)) if n else np.zeros(S, int)
+    value = df["numeric_value"].fill_null(np.nan).to_numpy().astype(np.float32)
+    return Packed(df, cl, sid[offs[:-1]], offs, sex, code.astype(np.int32), tgroup, sec, value, age, n_adm)
+
+def chunks(p: Packed, chunk_events: int = 1 << 16) -> list:
+    "Consecutive records packed into chunks of `chunk_events` rows: [(first record, end record, E)] (a longer record: E = its length, to a power of two)."
+    out, i, S = [], 0, len(p.subjects)
+    while i < S:
+        j = int(np.searchsorted(p.offsets, p.offsets[i] + chunk_events, side="right")) - 1
+        j = max(j, i + 1)
+        out.append((i, j, max(chunk_events, _pow2(p.offsets[j] - p.offsets[i]))))
+        i = j
+    return out
+
+def chunk_arrays(p: Packed, i: int, j: int, E: int) -> tuple:
+    "The flat kernel inputs of records i..j-1, padded to E rows."
+    a, b = p.offsets[i], p.offsets[j]
+    n, pad = b - a, E - (b - a)
+    rec = np.repeat(np.arange(j - i, dtype=np.int32), np.diff(p.offsets[i:j + 1]))
+    start = (p.offsets[i:j] - a).astype(np.int32)[rec]
+    tg = p.tgroup[a:b]
+    gid = np.where(tg >= 0, tg - (tg[tg >= 0].min() if (tg >= 0).any() else 0), -1).astype(np.int32)
+    padded = lambda x, fill: np.pad(x, (0, pad), constant_values=fill)
+    return (padded(p.code[a:b], len(p.codes)), padded(np.ones(n, bool), False), padded(gid, -1), padded(p.sec[a:b], 0),
+            padded(p.value[a:b], np.nan), padded(p.age[a:b], -1), padded(rec, j - i), padded(start, n),
+            padded(p.sex[i:j][rec], 0))
+
+# %% ../nbs/09a_rules.ipynb #c89ada0c
+GROUPS = ("sex", "age", "lab_range", "visit", "visit_lab", "derived", "last", "same_time", "stay", "overlap",
+          "within_visit", "once", "none_after", "min_gap")
+_GROUP_OF = {"sex_specific": "sex", "age_specific": "age", "lab_range": "lab_range", "contraindication": "visit",
+             "implies_code": "visit", "excludes": "visit", "implies_lab": "visit_lab", "derived_lab": "derived"}
+_GROUP_OF_TEMPORAL = {"last": "last", "same_time": "same_time", "discharge_after_admission": "stay", "no_overlap": "overlap",
+                      "within_visit": "within_visit", "once": "once", "none_after": "none_after", "min_gap_days": "min_gap"}
+_OPS = {"<": 0, "<=": 1, ">": 2, ">=": 3, "between": 4, "rise>=": 5}
+
+def _group(r: dict) -> str:
+    if r["kind"] == "temporal": return _GROUP_OF_TEMPORAL[r["relation"]]
+    return _GROUP_OF[r["kind"]]
+
+def _prefix_matrix(codes: pl.Series, cells: list) -> np.ndarray:
+    "[C, R] bool: code c starts with one of the `|`-separated prefixes of cell r."
+    if not cells: return np.zeros((len(codes), 0), bool)
+    cols = [pl.any_horizontal([pl.col("code").str.starts_with(x) for x in prefixes(c)]).alias(str(i)) if prefixes(c)
+            else pl.col("code").is_null().alias(str(i)) for i, c in enumerate(cells)]  # no prefix: matches no code
+    return pl.DataFrame({"code": codes}).select(cols).to_numpy().astype(bool).reshape(len(codes), len(cells))
+
+@dataclass
+class RuleTensors:
+    "A rule table ordered by group, its per-rule parameters (numpy, static under jit) and its code tables for one code list."
+    rules: pl.DataFrame        # the rules in evaluation order (+ column `group`)
+    groups: dict               # group -> slice of rule columns
+    params: dict               # name -> [R] numpy array
+    tables: dict               # name -> [C + 1, ...] array over the code table (last row: padding)
+    derived: dict              # derived_lab: J lab codes and [R_d, 4] input indices
+
+def compile_rules(rules: pl.DataFrame, # `audit_rule_table()`
+                  codes: list, # the code table
+                 ) -> RuleTensors:
+    "Order the rules by group and turn them into parameter vectors and [codes x rules] membership matrices."
+    r = rules.with_columns(pl.Series("group", [_group(x) for x in rules.iter_rows(named=True)]))
+    r = r.with_columns(pl.col("group").replace_strict({g: i for i, g in enumerate(GROUPS)}, return_dtype=pl.Int32).alias("_g")) \
+         .with_row_index("_i").sort("_g", "_i").drop("_g", "_i")
+    gs = r["group"].to_list()
+    groups = {g: slice(gs.index(g), len(gs) - gs[::-1].index(g)) for g in GROUPS if g in gs}
+    f = lambda c, fill=np.nan: r[c].fill_null(fill).to_numpy().astype(np.float32)
+    params = {"op": np.array([_OPS.get(o, -1) if o else -1 for o in r["op"]], np.int32), "value": f("value"), "value_hi": f("value_hi"),
+              "min_age": f("min_age"), "max_age": f("max_age"),
+              "sex": np.array([{"F": 1, "M": 2}.get(s, 0) for s in r["sex"]], np.int8),
+              "has_lab": r["lab_code"].is_not_null().to_numpy(), "kind": np.array(r["kind"].to_list()),
+              "formula": np.array([FORMULAS.index(x) if x in FORMULAS else -1 for x in r["relation"]], np.int32)}
+    cs = pl.Series(codes + ["\x00PAD"], dtype=pl.String)
+    lab = np.stack([(cs == x).to_numpy() if x else np.zeros(len(cs), bool) for x in r["lab_code"]], 1) if len(r) else np.zeros((len(cs), 0), bool)
+    tables = {"A": _prefix_matrix(cs, r["code_prefix"].to_list()), "B": _prefix_matrix(cs, r["other_code_prefix"].to_list()), "lab": lab,
+              "adm": cs.str.starts_with("ADMISSION/").to_numpy(), "dis": cs.str.starts_with("DISCHARGE/").to_numpy()}
+    d = r.filter(pl.col("group") == "derived")
+    J = sorted({x for row in d.iter_rows(named=True) for x in (row["lab_code"], *prefixes(row["other_code_prefix"]))})
+    ins = np.array([[J.index(row["lab_code"])] + [J.index(x) for x in prefixes(row["other_code_prefix"])] + [len(J)] * (3 - len(prefixes(row["other_code_prefix"])))
+                    for row in d.iter_rows(named=True)], np.int32).reshape(-1, 4)
+    tables["lab_j"] = np.array([J.index(c) if c in J else -1 for c in cs.to_list()], np.int32)
+    return RuleTensors(r, groups, params, tables, {"labs": J, "inputs": ins})
+
+# %% ../nbs/09a_rules.ipynb #fc3efa13
+def _cmp(x, op, v):
+    "x compared with v by the op code of each rule column (<, <=, >, >=)."
+    return jnp.where(op == 0, x < v, jnp.where(op == 1, x <= v, jnp.where(op == 2, x > v, x >= v)))
+
+def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E, age_E, rec_E, start_E, sex_E):
+    "checked_ExR (units checked, counted at each record's first row) and viol_ExR (the anchor event of each violating unit)."
+    E = code_E.shape[0]
+    P, G = rt.params, rt.groups
+    pos_E = jnp.arange(E)
+    timed_E = valid_E & (gid_E >= 0)
+    tg_E = jnp.where(timed_E, gid_E, E)  # time group as a segment id (null times: a dummy segment)
+    A = tab["A"][code_E] & valid_E[:, None]
+    B = tab["B"][code_E] & valid_E[:, None]
+    lab = tab["lab"][code_E] & valid_E[:, None]
+    x_E = val_E[:, None]
+    seg_min, seg_max, seg_sum = jax.ops.segment_min, jax.ops.segment_max, jax.ops.segment_sum
+    per_rec = lambda f, m: f(m, rec_E, E)[rec_E]  # a per-record reduction, read back at each event
+    def first_per(m_ExR, seg_E, n):
+        "The first flagged event of each segment, per rule column."
+        p = seg_min(jnp.where(m_ExR, pos_E[:, None], _BIG), seg_E, n)
+        return m_ExR & (p[jnp.clip(seg_E, 0, n - 1)] == pos_E[:, None])
+    # stays: admissions and discharges numbered across the chunk; the k-th of a record pairs with its k-th
+    def numbered(m):
+        c = jnp.cumsum(m) - m
+        gi = jnp.where(m, c, E)  # global number of each flagged event
+        return (gi, seg_min(jnp.where(m, tg_E, _BIG), gi, E + 1), seg_min(pos_E, gi, E + 1),
+                c[start_E], per_rec(seg_sum, m.astype(jnp.int32)))
+    is_adm, is_dis = tab["adm"][code_E] & valid_E, tab["dis"][code_E] & valid_E
+    adm_i, adm_g, adm_p, adm0, n_adm = numbered(is_adm)  # adm0: admissions before the record; n_adm: the record's
+    dis_i, dis_g, dis_p, dis0, n_dis = numbered(is_dis)
+    ca = jnp.cumsum(is_adm)
+    k_E = jnp.where(timed_E, seg_max(ca, tg_E, E + 1)[tg_E] - 1, -1)  # last admission at or before the event's time
+    kl_E = k_E - adm0  # its rank within the record
+    kc_E = jnp.clip(k_E, 0, E)
+    dc_E = jnp.clip(dis0 + kl_E, 0, E)
+    inv_E = timed_E & (kl_E >= 0) & (kl_E < n_dis) & (adm_g[kc_E] <= gid_E) & (gid_E <= dis_g[dc_E])
+    stay_E = jnp.where(inv_E, k_E, E)
+    per_stay = lambda f, m: f(m, stay_E, E + 1)[kc_E]  # a per-stay reduction, read back at each event's stay
+    checked, viol = [], []
+    def out(c_ExR, v_ExR): checked.append(c_ExR.astype(jnp.int32)); viol.append(v_ExR)
+    at_start = (pos_E == start_E)[:, None]
+    def once_per_rec(c_ExR): return jnp.where(at_start, c_ExR, 0)  # a per-record count, placed at its first row
+    for g, s in G.items():
+        a, b, lb = A[:, s], B[:, s], lab[:, s]
+        op, val, hi = P["op"][s], P["value"][s], P["value_hi"][s]
+        if g == "sex":
+            out(a, a & (sex_E[:, None] != P["sex"][s]))
+        elif g == "age":
+            c = a & timed_E[:, None]
+            ag = age_E[:, None]
+            out(c, c & ~((ag >= 0) & (ag >= P["min_age"][s]) & (ag <= P["max_age"][s])))
+        elif g == "lab_range":
+            out(lb, lb & ~((x_E >= val) & (x_E <= hi)))
+        elif g == "visit":
+            first = first_per(a & inv_E[:, None], stay_E, E + 1)
+            cond = jnp.where(P["has_lab"][s], lb & _cmp(x_E, op, val), b) & inv_E[:, None]
+            hit = per_stay(seg_max, cond.astype(jnp.int8)) > 0
+            out(first, first & jnp.where(P["kind"][s] == "implies_code", ~hit, hit))
+        elif g == "visit_lab":
+            sex_ok = (P["sex"][s] == 0) | (P["sex"][s] == sex_E[:, None])
+            first = first_per(a & inv_E[:, None] & sex_ok, stay_E, E + 1)
+            m = lb & inv_E[:, None]
+            n = per_stay(seg_sum, m.astype(jnp.int32))
+            fin = m & ~jnp.isnan(x_E)
+            hit_any = per_stay(seg_max, (m & _cmp(x_E, op, val)).astype(jnp.int8)) > 0
+            d = per_stay(seg_max, jnp.where(fin, x_E, -jnp.inf)) - per_stay(seg_min, jnp.where(fin, x_E, jnp.inf))
+            rise = jnp.round(d * 1e4) >= np.round(val * 1e4)  # at 4 decimals, as the reference rounds (exact in units of 1e-4)
+            unit = first & (n >= jnp.where(op == 5, 2, 1))
+            out(unit, unit & ~jnp.where(op == 5, rise, hit_any))
+        elif g == "derived":
+            J = len(rt.derived["labs"])
+            j_E = tab["lab_j"][code_E]
+            key = jnp.where(timed_E & (j_E >= 0), tg_E * J + j_E, E * J)
+            fp = seg_min(pos_E, key, E * J + 1)[:E * J].reshape(E, J)  # first row of lab j in each time group
+            draw = jnp.where(fp < E, val_E[jnp.clip(fp, 0, E - 1)], jnp.nan)
+            tgc = jnp.clip(tg_E, 0, E - 1)
+            draw = jnp.concatenate([draw, jnp.full((E, 1), jnp.nan)], 1)[tgc]  # [E, J + 1] at each event's time
+            ins = rt.derived["inputs"]
+            y, i1, i2, i3 = (draw[:, ins[:, q]] for q in range(4))
+            anchor = lb & timed_E[:, None] & (fp[tgc][:, ins[:, 0]] == pos_E[:, None])
+            age = jnp.where(age_E >= 0, age_E, jnp.nan).astype(jnp.float32)[:, None]
+            mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(sex_E[:, None] == 1, 0.742, 1.0)
+            frm = P["formula"][s]
+            f = jnp.where(frm == 0, mdrd, jnp.where(frm == 1, i1 - i2 - i3, jnp.where(i3 < 400, i1 - i2 - i3 / 5, jnp.nan)))
+            need = jnp.where(frm == 0, ~jnp.isnan(i1), jnp.where(frm == 1, ~(jnp.isnan(i1) | jnp.isnan(i2) | jnp.isnan(i3)), True))
+            c = anchor & ~jnp.isnan(y) & need
+            out(c, c & ~(jnp.abs(y - f) <= val))
+        elif g == "last":
+            at = a & timed_E[:, None]
+            d = per_rec(seg_min, jnp.where(at, gid_E[:, None], _BIG))
+            out(once_per_rec(per_rec(seg_max, at.astype(jnp.int8))), first_per(timed_E[:, None] & (gid_E[:, None] > d), rec_E, E))
+        elif g == "same_time":
+            has = seg_max((b & timed_E[:, None]).astype(jnp.int8), tg_E, E + 1)[tg_E] > 0
+            out(a, a & ~(timed_E[:, None] & has))
+        elif g == "stay":  # each admission, and each discharge beyond the record's admissions, is a stay
+            kd = dis_i - dis0  # a discharge's rank within the record
+            has_dis = is_adm & (adm_i - adm0 < n_dis)
+            dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, E)]
+            nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, E)], _BIG)
+            ok = has_dis & timed_E & (dg > gid_E) & (dg <= nxt)
+            unit = is_adm | (is_dis & (kd >= n_adm))
+            bad = unit & ~ok
+            w = s.stop - s.start
+            out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+        elif g == "overlap":  # each admission after the record's first
+            prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, E)]
+            unit = is_adm & (adm_i - adm0 >= 1)
+            bad = unit & ~((adm_i - adm0 - 1 < n_dis) & timed_E & (gid_E >= prev_dg))
+            w = s.stop - s.start
+            out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+        elif g == "within_visit":
+            out(a, a & ~inv_E[:, None])
+        elif g == "once":
+            c = jnp.cumsum(a, 0)
+            n = c - (c - a)[start_E]
+            out(once_per_rec(per_rec(seg_max, a.astype(jnp.int8))), a & (n == 2))
+        elif g == "none_after":
+            ai = a & inv_E[:, None]
+            v0 = per_rec(seg_min, jnp.where(ai, k_E[:, None], _BIG))
+            g0 = per_rec(seg_min, jnp.where(ai, gid_E[:, None], _BIG))
+            later = b & jnp.where(inv_E[:, None], k_E[:, None] > v0, timed_E[:, None] & (gid_E[:, None] > g0)) & (v0 < _BIG)
+            out(once_per_rec(v0 < _BIG), first_per(later, rec_E, E))
+        elif g == "min_gap":
+            at = a & timed_E[:, None]
+            fr = first_per(at, jnp.where(timed_E, tg_E, E), E + 1)  # first flagged event of each time group
+            prev = jax.lax.cummax(jnp.where(fr, pos_E[:, None], -1), axis=0)
+            prev = jnp.concatenate([jnp.full((1, prev.shape[1]), -1, prev.dtype), prev[:-1]], 0)  # the previous one, any record
+            unit = fr & (prev >= start_E[:, None])
+            gap = sec_E[:, None] - sec_E[jnp.clip(prev, 0, E - 1)]
+            out(unit, unit & (gap < val * 86400))
+    return jnp.concatenate(checked, 1), jnp.concatenate(viol, 1) & valid_E[:, None]
+
+def _kernel(rt: RuleTensors):
+    "The jitted chunk auditor of a rule set: flat [E] arrays -> per-record checked counts [E, R] and anchors [E, R]."
+    def f(tab, *a):
+        c, v = _audit_flat(rt, tab, *a)
+        rec = a[6]
+        return jax.ops.segment_sum(c, rec, a[0].shape[0]), v
+    return jax.jit(f)
+
+_KERNELS: dict = {}
+
+def _cached_kernel(rt: RuleTensors):
+    "One jitted kernel per rule table (its thresholds are compile-time constants; compiling takes seconds)."
+    key = rt.rules.drop("description", "source").write_csv()
+    if key not in _KERNELS: _KERNELS[key] = _kernel(rt)
+    return _KERNELS[key]
+
+# %% ../nbs/09a_rules.ipynb #af6e1250
+ERROR_FACTOR, WARNING_FACTOR = 0.7, 0.95
+VIOLATIONS_SCHEMA = {"subject_id": pl.Int64, "rule_id": pl.String, "kind": pl.String, "severity": pl.String, "scope": pl.String,
+                     "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32, "detail": pl.String}
+PER_RECORD_SCHEMA = {"subject_id": pl.Int64, "n_events": pl.Int64, "n_error": pl.Int64, "n_warning": pl.Int64, "n_violations": pl.Int64}
+TOTALS_SCHEMA = {"rule_id": pl.String, "kind": pl.String, "severity": pl.String, "n_checked": pl.Int64, "n_violations": pl.Int64,
+                 "rate": pl.Float64, "min_rate": pl.Float64, "ok": pl.Boolean}
+
+def _fmt(x) -> str: return "" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+
+def _detail(r: dict) -> str:
+    "What a violation of rule `r` means, in a few words (the offending event is in the row)."
+    g, A, B = r["group"], r["code_prefix"], r["other_code_prefix"]
+    lab = f"{r['lab_code']} {r['op']} {_fmt(r['value'])}" if r["lab_code"] and r["op"] else None
+    return {"sex": f"code for {r['sex']} records only",
+            "age": f"code for ages {_fmt(r['min_age'])}-{_fmt(r['max_age'])}",
+            "lab_range": f"value outside {_fmt(r['value'])}..{_fmt(r['value_hi'])}",
+            "visit": {"contraindication": f"given in a stay with {lab or B}", "implies_code": f"no {B} in the same stay",
+                      "excludes": f"coded with {B} in the same stay"}.get(r["kind"], ""),
+            "visit_lab": f"no {lab} in the stay" + (f" (sex {r['sex']})" if r["sex"] else ""),
+            "derived": f"differs from {r['relation']}({B}) of the same draw by more than {_fmt(r['value'])}",
+            "last": f"event after {A}", "same_time": f"no {B} at the same time",
+            "stay": "stay without a discharge after its admission and before the next admission",
+            "overlap": "admission before the previous stay's discharge", "within_visit": "outside any stay",
+            "once": f"second {A} in the record", "none_after": f"{B} in a stay after {A}",
+            "min_gap": f"less than {_fmt(r['value'])} days after the previous {A}"}[g]
+
+def _wilson_ok(k: pl.Expr, n: pl.Expr, p: pl.Expr, z: float = 1.645) -> pl.Expr:
+    "One-sided 95% Wilson upper bound of the rate k/n is at least p (as `synehr.demo.check_rules` decides warnings)."
+    r = k / n
+    up = (r + z * z / (2 * n) + z * (r * (1 - r) / n + z * z / (4 * n * n)).sqrt()) / (1 + z * z / n)
+    return up >= p
+
+@dataclass
+class RuleAudit:
+    "The rule judge's verdict on a cohort: per-record scores, every violation, per-record counts and per-rule totals."
+    scores: pl.DataFrame       # SCORES_SCHEMA, judge "rules"
+    violations: pl.DataFrame   # VIOLATIONS_SCHEMA: one row per violating unit, with its anchor event
+    per_record: pl.DataFrame   # PER_RECORD_SCHEMA
+    totals: pl.DataFrame       # TOTALS_SCHEMA: one row per rule (+ GRAMMAR)
+    rules: pl.DataFrame        # the rules checked, in evaluation order
+    seconds: float
+
+    def _repr_markdown_(self):
+        n, ok = len(self.scores), int(self.scores["passed"].sum())
+        ne, nw = (int(self.per_record[c].sum()) for c in ("n_error", "n_warning"))
+        bad = self.totals.filter(pl.col("n_violations") > 0).sort("n_violations", descending=True).head(12)
+        return (f"**RuleAudit**: {n:,} records, {ok:,} passed ({ok / max(n, 1):.1%}); {ne:,} error and {nw:,} warning violations "
+                f"of {len(self.totals)} rules; {self.seconds:.2f} s ({n / max(self.seconds, 1e-9):,.0f} records/s)\n\n"
+                + (_md_table(bad) if len(bad) else "No violations."))
+
+def _grammar(df: pl.DataFrame, vocab) -> pl.DataFrame:
+    "Records the tokenizer cannot encode or whose tokens break its grammar -> subject_id, detail."
+    from synehr.tokenizer import encode, check_sequences, fit_vocab
+    from synehr.cohort import fit_lab_stats
+    ev = df.with_columns(pl.lit(None, pl.String).alias("text_value"))
+    if vocab is None: vocab = fit_vocab(ev, fit_lab_stats(ev))
+    enc = encode(ev, vocab)
+    bad = enc.filter(pl.col("problem").is_not_null()).select("subject_id", detail=pl.col("problem"))
+    seq = check_sequences(enc.filter(pl.col("token_ids").is_not_null()).select("subject_id", "token_ids"), vocab)
+    return pl.concat([bad, seq.select("subject_id", detail="grammar: " + pl.col("reason"))]).unique("subject_id", keep="first")
+
+def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subjects (real or synthetic)
+                rules: pl.DataFrame | str | Path | None = None, # rule table (the kit's data/clinical_rules.csv by default)
+                icd10cm: bool = True, # also check ICD-10-CM's sex and age edits (`icd10cm_rules`)
+                grammar: bool = True, # also check the tokenizer's structural grammar (rule GRAMMAR)
+                vocab=None, # the vocabulary for the grammar check (default: fitted on `events`)
+                chunk_events: int = 1 << 16, # events per kernel call (memory ~ chunk_events x rules bytes)
+               ) -> RuleAudit:
+    "Audit every record against every rule: scores (judge contract), violations with their events, per-record counts, totals."
+    t0 = _time.perf_counter()
+    p = pack_events(events)
+    table = audit_rule_table(rules, icd10cm)
+    rt = compile_rules(table, p.codes)
+    C = _pow2(len(p.codes) + 1, 256)
+    tab = {k: jnp.asarray(np.pad(v, [(0, C - len(v))] + [(0, 0)] * (v.ndim - 1), constant_values=-1 if k == "lab_j" else False))
+           for k, v in rt.tables.items()}
+    kern = _cached_kernel(rt)
+    S, R = len(p.subjects), len(rt.rules)
+    checked = np.zeros((S, R), np.int64)
+    found = []  # (event rows, rule columns)
+    for i, j, E in chunks(p, chunk_events):
+        c, v = kern(tab, *chunk_arrays(p, i, j, E))
+        checked[i:j] = np.asarray(c)[:j - i]
+        e, r = np.nonzero(np.asarray(v))
+        found.append((e + p.offsets[i], r))
+    rows = np.concatenate([e for e, _ in found]) if found else np.zeros(0, int)
+    cols = np.concatenate([r for _, r in found]) if found else np.zeros(0, int)
+    info = rt.rules.with_columns(pl.Series("detail", [_detail(r) for r in rt.rules.iter_rows(named=True)]))
+    at = p.events[rows] if len(rows) else p.events.clear()
+    extra = pl.Series(p.age[rows]).cast(pl.Int64)
+    sexes = pl.Series(np.asarray(["unknown", "F", "M"])[p.sex[np.searchsorted(p.offsets, rows, side="right") - 1]] if len(rows) else [], dtype=pl.String)
+    viol = (at.with_columns(pl.Series("_r", cols, dtype=pl.Int64)).join(info.with_row_index("_r").with_columns(pl.col("_r").cast(pl.Int64))
+                                                                         .select("_r", "rule_id", "kind", "severity", "scope", "group", "detail"), on="_r", how="left")
+            .with_columns(_age=extra, _sex=sexes)
+            .with_columns(pl.when(pl.col("group") == "sex").then(pl.format("{}; the record's sex: {}", "detail", "_sex"))
+                          .when(pl.col("group") == "age").then(pl.format("{}; age at the event: {}", "detail", pl.col("_age").cast(pl.String)))
+                          .otherwise("detail").alias("detail")))
+    viol = viol.select(list(VIOLATIONS_SCHEMA)).cast(VIOLATIONS_SCHEMA)
+    n_checked = checked.sum(0)
+    if grammar:
+        gv = _grammar(p.events, vocab)
+        viol = pl.concat([viol, gv.select("subject_id", rule_id=pl.lit("GRAMMAR"), kind=pl.lit("grammar"), severity=pl.lit("error"),
+                                          scope=pl.lit("subject"), time=pl.lit(None, pl.Datetime("us")), code=pl.lit(None, pl.String),
+                                          numeric_value=pl.lit(None, pl.Float32), detail="detail")])
+    order = {r: i for i, r in enumerate(rt.rules["rule_id"].to_list() + ["GRAMMAR"])}
+    viol = viol.with_columns(pl.col("rule_id").replace_strict(order, return_dtype=pl.Int64).alias("_o")) \
+               .sort("subject_id", "_o", "time", nulls_last=False, maintain_order=True).drop("_o")
+    counts = viol.group_by("rule_id").len()
+    totals = (pl.DataFrame({"rule_id": rt.rules["rule_id"], "kind": rt.rules["kind"], "severity": rt.rules["severity"],
+                            "n_checked": n_checked, "min_rate": rt.rules["min_rate"]})
+              .vstack(pl.DataFrame({"rule_id": ["GRAMMAR"], "kind": ["grammar"], "severity": ["error"], "n_checked": [S if grammar else 0],
+                                    "min_rate": [1.0]}))
+              .join(counts, on="rule_id", how="left").with_columns(pl.col("len").fill_null(0).cast(pl.Int64).alias("n_violations"))
+              .with_columns(pl.when(pl.col("n_checked") > 0).then(1 - pl.col("n_violations") / pl.col("n_checked")).alias("rate"))
+              .with_columns(pl.when(pl.col("n_checked") == 0).then(True).when(pl.col("severity") == "error").then(pl.col("n_violations") == 0)
+                            .otherwise(_wilson_ok(pl.col("n_checked") - pl.col("n_violations"), pl.col("n_checked"), pl.col("min_rate"))).alias("ok"))
+              .select(list(TOTALS_SCHEMA)).cast(TOTALS_SCHEMA))
+    subj = pl.DataFrame({"subject_id": p.subjects, "n_events": np.diff(p.offsets)}, schema={"subject_id": pl.Int64, "n_events": pl.Int64})
+    cnt = viol.group_by("subject_id").agg(n_error=(pl.col("severity") == "error").sum(), n_warning=(pl.col("severity") == "warning").sum())
+    per = (subj.join(cnt, on="subject_id", how="left").with_columns(pl.col("n_error", "n_warning").fill_null(0).cast(pl.Int64))
+           .with_columns(n_violations=pl.col("n_error") + pl.col("n_warning")).select(list(PER_RECORD_SCHEMA)))
+    why = (viol.group_by("subject_id", "severity", "rule_id").len().sort("subject_id", "severity", "len", "rule_id", descending=[False, False, True, False])
+           .group_by("subject_id", "severity", maintain_order=True).agg(pl.format("{} x{}", "rule_id", "len").head(5).str.join(", ").alias("s"))
+           .group_by("subject_id", maintain_order=True).agg(pl.format("{}: {}", pl.col("severity").replace({"error": "errors", "warning": "warnings"}), "s").str.join("; ").alias("reasons")))
+    scores = (per.join(why, on="subject_id", how="left")
+              .select("subject_id", judge=pl.lit("rules"),
+                      score=(10 * ERROR_FACTOR ** pl.col("n_error").cast(pl.Float64) * WARNING_FACTOR ** pl.col("n_warning").cast(pl.Float64)).round(4),
+                      passed=pl.col("n_error") == 0, status=pl.lit("ok"), reasons=pl.col("reasons").fill_null(""))
+              .cast(SCORES_SCHEMA).sort("subject_id"))
+    return RuleAudit(scores, viol, per.sort("subject_id"), totals, rt.rules, _time.perf_counter() - t0)
