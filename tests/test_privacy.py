@@ -42,7 +42,7 @@ def brute(a: Records, b: Records, cap=None):
     return D
 
 
-@pytest.mark.parametrize("block", [1, 7, 16, 1024])
+@pytest.mark.parametrize("block", [5, 1024])
 def test_nearest_equals_brute_force(block):
     rng = np.random.default_rng(3)
     a, b = random_records(37, 6, 5, rng), random_records(23, 6, 5, rng)
