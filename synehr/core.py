@@ -203,7 +203,7 @@ class RunConfig:
     kde_tails: bool = True # the outer value bins reach the observed train range (decode stops at P1/P99)
     # audit (09a_rules, 09b_critic, 09c_judge, 09d_audit)
     audit_keep: tuple = ("rules", "critic") # judges a kept record must pass, of "rules", "critic", "llm"
-    critic_threshold: float = 5.0 # a record passes the critic at a score (10 x calibrated P(real)) >= this
+    critic_threshold: float = 2.5 # a record passes the critic at a score (10 x calibrated P(real)) >= this: fails at 3:1 odds of synthetic
     judge_endpoint: str = "" # OpenAI-compatible base URL of an LLM judge, e.g. "http://127.0.0.1:8080/v1"; "" = none
     judge_gguf: str = "" # or a GGUF model file that the run serves itself with llama.cpp on 127.0.0.1
     judge_model: str = "" # model name sent to the endpoint ("" = the server's default)
