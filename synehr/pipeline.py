@@ -6,15 +6,22 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+import polars as pl
+
 import synehr
-from .core import ConfigError, RunConfig, RunDir, get_logger
+from .core import ConfigError, RunConfig, RunDir, get_logger, write_json
 
 # %% auto #0
-__all__ = ['project_root', 'load_params', 'run_pipeline', 'main']
+__all__ = ['STAGES', 'STAGE_FIELDS', 'project_root', 'load_params', 'StageError', 'stage_key', 'is_current', 'run_stage',
+           'stage_times', 'run_pipeline', 'main']
 
 # %% ../nbs/12_pipeline.ipynb #d8ca2468
 def project_root() -> Path:
@@ -30,9 +37,170 @@ def load_params(path: str | Path | None = None, # a YAML parameter file (flat ke
     if path is not None and not Path(path).is_file(): raise ConfigError(f"parameter file not found: {path}")
     cfg = RunConfig.from_yaml(path) if path is not None else RunConfig()
     cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+    src = path or "parameters"
     if cfg.data != "demo" and not Path(cfg.data).exists():
-        raise ConfigError(f"{path or 'parameters'}: config field 'data': no such MEDS dataset folder {cfg.data!r}")
+        raise ConfigError(f"{src}: config field 'data': no such MEDS dataset folder {cfg.data!r}")
+    if cfg.judge_gguf and not Path(cfg.judge_gguf).is_file():
+        raise ConfigError(f"{src}: config field 'judge_gguf': no such GGUF model file {cfg.judge_gguf!r}")
+    if cfg.judge_endpoint:
+        from synehr.judge import check_endpoint
+        try: check_endpoint(cfg.judge_endpoint, cfg.judge_allow_remote)
+        except ValueError as e: raise ConfigError(f"{src}: config field 'judge_endpoint': {e}") from None
     return cfg
+
+# %% ../nbs/12_pipeline.ipynb #stg00002
+STAGES = ("data", "cohort", "tokenizer", "knowledge", "model", "generate", "kde", "audit", "evaluate")
+STAGE_FIELDS = {  # the config fields each stage reads (beyond those of the stages before it)
+    "data": ("seed", "data", "allow_future_times", "demo_subjects", "split_fractions"),
+    "cohort": ("top_n_icd10cm", "top_n_icd10pcs", "top_n_atc", "top_n_lab", "icd9_map", "drug_map"),
+    "tokenizer": ("gap_threshold_min", "value_bins"),
+    "knowledge": ("rgcn_dim", "rgcn_steps", "text_encoder"),
+    "model": ("packing", "context_len", "model_dim", "model_layers", "model_heads", "model_kv_heads", "model_hidden",
+              "use_hierarchy", "use_semantic", "train_steps", "batch_size", "lr", "warmup", "eval_every", "patience"),
+    "generate": ("n_synthetic", "prompts", "prompt_split", "gen_rows", "gen_max_len", "temperature", "top_p", "top_k", "stamp_diagnoses"),
+    "kde": ("kde_cells", "kde_bandwidth", "kde_min_count", "kde_tails"),
+    "audit": ("audit_keep", "critic_threshold", "judge_endpoint", "judge_gguf", "judge_model", "judge_allow_remote",
+              "judge_threshold", "judge_max_records"),
+    "evaluate": ("eval_boot",),
+}
+
+class StageError(RuntimeError):
+    "A stage asked for before the stages it reads from are done."
+
+def _data_fingerprint(cfg: RunConfig) -> list:
+    "Names, sizes and modification times of a user dataset's files (the demo is fixed by its config fields)."
+    if cfg.data == "demo": return []
+    root = Path(cfg.data)
+    return sorted([str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in root.rglob("*") if p.is_file())
+
+def stage_key(cfg: RunConfig, # the run's config
+              name: str, # a stage of STAGES
+             ) -> str:
+    "The key of stage `name`: a hash of the fields of it and every stage before it (and of the user's data files)."
+    if name not in STAGES: raise ValueError(f"unknown stage {name!r}; stages are {STAGES}")
+    fields_ = [f for s in STAGES[:STAGES.index(name) + 1] for f in STAGE_FIELDS[s]]
+    return hashlib.sha256(json.dumps([cfg.hash(*fields_), _data_fingerprint(cfg)]).encode()).hexdigest()[:16]
+
+def _marker(run: RunDir, name: str) -> Path: return run.root/"stages"/f"{name}.json"
+
+def is_current(run: RunDir, cfg: RunConfig, name: str) -> bool:
+    "Did stage `name` finish in `run` with this configuration?"
+    m = _marker(run, name)
+    return m.exists() and json.loads(m.read_text()).get("key") == stage_key(cfg, name)
+
+def run_stage(name: str, # a stage of STAGES
+              run: RunDir, # the run directory
+              cfg: RunConfig, # the run's config
+              force: bool = False, # run even if it is up to date
+             ):
+    "Run stage `name` unless it is up to date; return its report (None when skipped). Later stages' markers are cleared when it runs."
+    log = get_logger()
+    if not force and is_current(run, cfg, name):
+        log.info(f"stage {name}: up to date (key {stage_key(cfg, name)}), skipped"); return None
+    for up in STAGES[:STAGES.index(name)]:
+        if not is_current(run, cfg, up):
+            raise StageError(f"stage {name!r} reads the outputs of stage {up!r}, which is not done for this configuration in "
+                             f"{run.root}: run `synehr run` (or `synehr stage {up}` first)")
+    for later in STAGES[STAGES.index(name):]: _marker(run, later).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    report = _STAGE_FNS[name](run, cfg)
+    secs = time.perf_counter() - t0
+    write_json(_marker(run, name), {"stage": name, "key": stage_key(cfg, name), "seconds": round(secs, 3),
+                                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    write_json(run.root/"timings.json", stage_times(run))
+    log.info(f"stage {name}: {secs:.1f} s")
+    return report
+
+def stage_times(run: RunDir) -> dict:
+    "Seconds of each finished stage of `run`, in stage order."
+    return {s: json.loads(_marker(run, s).read_text())["seconds"] for s in STAGES if _marker(run, s).exists()}
+
+# %% ../nbs/12_pipeline.ipynb #stg00004
+def _source(run: RunDir, cfg: RunConfig) -> Path: return run.input if cfg.data == "demo" else Path(cfg.data)
+
+def _stage_data(run, cfg):
+    if cfg.data != "demo": return None  # validated file by file, streaming, when the cohort stage reads it
+    from synehr.demo import write_demo_cohort, cohort_summary
+    from synehr.data import read_meds
+    src = write_demo_cohort(run.input, n_subjects=cfg.demo_subjects, seed=cfg.seed, fractions=cfg.split_fractions)
+    return cohort_summary(read_meds(src, validate=False).collect())  # validated by write_meds just now
+
+def _stage_cohort(run, cfg):
+    import matplotlib.pyplot as plt
+    from synehr.cohort import build_cohort, plot_cohort
+    report = build_cohort(_source(run, cfg), run.cohort, cfg)
+    plt.close(plot_cohort(report, run.figures/"cohort_coverage.png"))
+    return report
+
+def _stage_tokenizer(run, cfg):
+    from synehr.tokenizer import check_sequences, fit_vocab, read_tokens, write_tokens
+    vocab = fit_vocab(run.cohort, cfg=cfg)
+    vocab.save(run.tokenizer/"vocab.parquet")
+    report = write_tokens(run.cohort, run.tokens, vocab, cfg)
+    bad = check_sequences(read_tokens(run.tokens, "train"), vocab)
+    if bad.height: raise RuntimeError(f"{run.tokens}: {bad.height} train sequences break the grammar (first: subject {bad['subject_id'][0]})")
+    return report
+
+def _stage_knowledge(run, cfg):
+    from synehr.data import read_codes
+    from synehr.knowledge import knowledge_stage
+    from synehr.semantic import semantic_embeddings
+    kgm = knowledge_stage(run.root, seed=cfg.seed, D=cfg.rgcn_dim, steps=cfg.rgcn_steps)
+    semantic_embeddings(pl.read_parquet(run.tokenizer/"vocab.parquet"), read_codes(run.cohort),
+                        checkpoint=cfg.text_encoder or None, cache=run.knowledge/"semantic.npy")
+    return kgm
+
+def _stage_model(run, cfg):
+    from synehr.model import ModelConfig
+    from synehr.train import TrainConfig, train_stage
+    V = pl.scan_parquet(run.tokenizer/"vocab.parquet").select(pl.len()).collect().item()
+    model_cfg = ModelConfig(V=V, D=cfg.model_dim, H=cfg.model_heads, K=cfg.model_kv_heads, L=cfg.model_layers, F=cfg.model_hidden,
+                            T=cfg.context_len, use_hierarchy=cfg.use_hierarchy, use_semantic=cfg.use_semantic)
+    train_cfg = TrainConfig(steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
+                            eval_every=cfg.eval_every, patience=cfg.patience, seed=cfg.seed)
+    return train_stage(run.root, cfg, model_cfg, train_cfg)
+
+def _stage_generate(run, cfg):
+    from synehr.core import write_parquet
+    from synehr.data import read_codes, write_meds
+    from synehr.generate import generate, read_generated, real_headers, to_meds
+    from synehr.tokenizer import START_RECORD, Vocab, read_tokens
+    from synehr.train import load_model
+    vocab, model = Vocab.load(run.tokenizer/"vocab.parquet"), load_model(run.model)
+    prompts = (real_headers(read_tokens(run.tokens, cfg.prompt_split), vocab, cfg.n_synthetic, cfg.seed) if cfg.prompts == "real"
+               else [[START_RECORD]] * cfg.n_synthetic)
+    gen = generate(model, vocab, prompts, run.synthetic/"raw", seed=cfg.seed, batch_size=cfg.gen_rows,
+                   max_len=min(cfg.gen_max_len, model.cfg.T), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    synth, problems = to_meds(read_generated(run.synthetic/"raw"), vocab, cfg.seed, stamp=("ICD10CM/",) if cfg.stamp_diagnoses else ())
+    sids = synth["subject_id"].unique().sort()
+    write_meds(run.synthetic/"meds", synth, pl.DataFrame({"subject_id": sids, "split": "train"}),
+               codes=read_codes(run.cohort).filter(pl.col("code").is_in(synth["code"].unique().implode())),
+               dataset_name="synehr-synthetic", max_time=None)
+    write_parquet(problems, run.synthetic/"decode_report.parquet")
+    return gen
+
+def _stage_kde(run, cfg):
+    from synehr.core import make_key
+    from synehr.data import read_codes, read_meds, write_meds
+    from synehr.kde import fit_kit_kde, kde_postprocess
+    from synehr.tokenizer import Vocab
+    vocab = Vocab.load(run.tokenizer/"vocab.parquet")
+    synth = read_meds(run.synthetic/"meds", validate=False).collect()
+    fit_kit_kde(run.cohort, vocab, run.kde, cfg)
+    post, report = kde_postprocess(synth, vocab, run.kde, make_key(cfg.seed, "kde"), tails=cfg.kde_tails)
+    write_meds(run.synthetic/"kde", post, pl.DataFrame({"subject_id": synth["subject_id"].unique().sort(), "split": "train"}),
+               codes=read_codes(run.synthetic/"meds"), dataset_name="synehr-synthetic-kde", max_time=None)
+    return report
+
+def _stage_audit(run, cfg):
+    from synehr.audit import audit_stage
+    return audit_stage(run, cfg)
+
+def _stage_evaluate(run, cfg):
+    from synehr.evaluate import evaluate_stage
+    return evaluate_stage(run, cfg)
+
+_STAGE_FNS = {s: globals()[f"_stage_{s}"] for s in STAGES}
 
 # %% ../nbs/12_pipeline.ipynb #4c187dc9
 def _local_kernel_manager(sock_dir: Path):
@@ -63,7 +231,31 @@ def run_pipeline(cfg: RunConfig, # checked run configuration
 def _cmd_run(a):
     cfg = load_params(a.params, run_dir=a.out)
     root = run_pipeline(cfg)
-    print(f"run finished: {root}\nexecuted notebook: {root/'20_pipeline.ipynb'}")
+    report = root/"eval"/"report.md"
+    print(f"run finished: {root}\nexecuted notebook: {root/'20_pipeline.ipynb'}"
+          + (f"\nreport: {report}" if report.exists() else ""))
+
+def _cmd_stage(a):
+    cfg = load_params(a.params, run_dir=a.out)
+    run = RunDir(Path(cfg.run_dir).resolve())
+    cfg = cfg.replace(run_dir=str(run.root), data=cfg.data if cfg.data == "demo" else str(Path(cfg.data).resolve()))
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg)
+    try: run_stage(a.name, run, cfg, force=a.force)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr); return 2
+    print(f"stage {a.name} done: {run.root}")
+
+def _cmd_report(a):
+    run = RunDir(Path(a.run))
+    if not run.root.is_dir():
+        print(f"error: {run.root}: no such run directory", file=sys.stderr); return 2
+    rep = run.eval/"report.md"
+    if rep.exists(): print(rep.read_text()); return 0
+    times = stage_times(run)
+    print(f"{run.root}: no evaluation report yet (RUN/eval/report.md); finished stages: "
+          + (", ".join(f"{s} ({t:.1f} s)" for s, t in times.items()) or "none"), file=sys.stderr)
+    return 1
 
 def _cmd_validate(a):
     from synehr.data import MEDSError, read_meds, data_files
@@ -86,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("-p", "--params", help="YAML parameter file, e.g. params/demo.yaml")
     r.add_argument("-o", "--out", help="run directory (overrides run_dir)")
     r.set_defaults(fn=_cmd_run)
+    s = sub.add_parser("stage", help="run one stage of the pipeline (the stages before it must be done)")
+    s.add_argument("name", choices=STAGES); s.add_argument("-p", "--params", help="YAML parameter file")
+    s.add_argument("-o", "--out", help="run directory (overrides run_dir)")
+    s.add_argument("--force", action="store_true", help="run it even if it is up to date")
+    s.set_defaults(fn=_cmd_stage)
+    rp = sub.add_parser("report", help="print the evaluation report of a run directory")
+    rp.add_argument("run"); rp.set_defaults(fn=_cmd_report)
     v = sub.add_parser("validate", help="validate a MEDS dataset folder")
     v.add_argument("path"); v.add_argument("--no-future-check", action="store_true", help="allow date-shifted data (MIMIC)")
     v.set_defaults(fn=_cmd_validate)

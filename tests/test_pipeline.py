@@ -1,9 +1,12 @@
 """The pipeline as a user runs it: `synehr run` on the CI parameters, end to end, and parameter errors up front."""
 import ast
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -12,7 +15,7 @@ import yaml
 
 from synehr.core import RunConfig
 from synehr.data import read_meds, read_splits
-from synehr.pipeline import main
+from synehr.pipeline import STAGES, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,12 +40,31 @@ def test_every_params_file_is_a_valid_config():
         RunConfig.from_yaml(p)
 
 
+def _skipped(nb_path: Path) -> set:
+    "The stages an executed pipeline notebook reports as up to date (skipped)."
+    text = "".join("".join(o.get("text", "")) for c in json.loads(nb_path.read_text())["cells"] for o in c.get("outputs", []))
+    return {s for s in STAGES if f"stage {s}: up to date" in text}
+
+
 def test_cli_run_ci_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([shutil.which("synehr") or "synehr", "run", "-p", str(ROOT / "params" / "ci.yaml"), "-o", str(out)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    cmd = [shutil.which("synehr") or "synehr", "run", "-p", str(ROOT / "params" / "ci.yaml"), "-o", str(out)]
+    # a run killed (SIGKILL, as a crash or an out-of-memory kill would) while the model trains ...
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / "stages" / "knowledge.json").exists():
+            assert p.poll() is None, "the pipeline ended before the knowledge stage finished"
+            assert time.monotonic() - t0 < 900, "the knowledge stage did not finish in 15 minutes"
+            time.sleep(0.2)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+    assert not (out / "stages" / "model.json").exists()
+    # ... is resumed by running the same command again: the finished stages are skipped, the rest run
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"run finished: {out}" in r.stdout
+    assert _skipped(out / "20_pipeline.ipynb") == {"data", "cohort", "tokenizer", "knowledge"}
     assert (out / "20_pipeline.ipynb").exists() and (out / "config.yaml").exists()
     cfg = RunConfig.from_yaml(out / "config.yaml")
     assert cfg.run_dir == str(out) and cfg.demo_subjects == 300
@@ -90,6 +112,13 @@ def test_cli_run_ci_end_to_end(tmp_path):
     assert (out / "figures" / "train_loss.png").stat().st_size > 10_000
     assert (out / "figures" / "cohort_coverage.png").stat().st_size > 10_000
     assert (out / "figures" / "rgcn_link_prediction.png").stat().st_size > 10_000
+    # a stage whose marker is gone (killed before it finished) runs again, and only it and the stages after it;
+    # the run is deterministic, so it writes the same records
+    (out / "stages" / "kde.json").unlink()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _skipped(out / "20_pipeline.ipynb") == {"data", "cohort", "tokenizer", "knowledge", "model", "generate"}
+    assert read_meds(out / "synthetic" / "kde", max_time=None).collect().equals(post)
 
 
 @pytest.mark.parametrize("yaml_text, fragment", [
