@@ -84,3 +84,12 @@ def test_sidebar_marks_the_current_page():
     html = build_docs.sidebar_html([("index.html", "synehr", "home"), ("core.html", "core", "a <b> & c")], "core.html")
     assert '<a href="core.html" class="active" aria-current="page" title="a &lt;b&gt; &amp; c">core</a>' in html
     assert '<a href="index.html" title="home">synehr</a>' in html
+
+
+def test_docstring_italics_survive_an_asterisk():
+    # nbdev sets the docstring's first line as *line*; a bare `*` in it would end the italics early
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import build_docs; build_docs._patch_showdoc(); " \
+           "import fastcore.docments as fd; print(repr(fd._ital_first('x / rms(x) * scale, `a*b` kept \\nmore * here')))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == repr("*x / rms(x) \\* scale, `a*b` kept*\nmore * here")

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -92,7 +92,9 @@ def _patch_showdoc():
     - A class whose metaclass defines `__call__` (every flax NNX module) would be shown with the metaclass's
       `(*args: Any, **kwargs: Any)`, whose string annotations do not even resolve (NameError): show its `__init__`.
     - The source link's line number is looked up by the bare name (`f`), but an object imported from its module is
-      named `synehr.mod.f`: look that up without the module prefix."""
+      named `synehr.mod.f`: look that up without the module prefix.
+    - The docstring's first line is set in italics as `*line*`, so a `*` in it (`x / rms(x) * scale`) ends the
+      italics early and leaves a stray asterisk: escape the `*`s outside code spans."""
     import fastcore.docments as fd
     import nbdev.doclinks as dl
     if getattr(fd.signature, "_synehr_docs", False): return
@@ -110,8 +112,13 @@ def _patch_showdoc():
         if line is None and mod and isinstance(sym, str) and sym.startswith(mod): line = lineno0(sym[len(mod):], fname)
         return line
 
+    def _ital_first(s: str) -> str:
+        lead, first, rest = re.match(r"(\s*)([^\n]*)(.*)", s, re.S).groups()
+        first = "".join(p if p.startswith("`") else p.replace("*", r"\*") for p in re.split(r"(`[^`]*`)", first)).rstrip()
+        return f"{lead}*{first}*{rest}" if first.strip() else s
+
     signature._synehr_docs = True
-    fd.signature, dl._lineno = signature, _lineno
+    fd.signature, dl._lineno, fd._ital_first = signature, _lineno, _ital_first
 
 
 def process_notebook(src: str, dst: str) -> str | None:
@@ -273,6 +280,11 @@ def local_links(text: str, site_url: str, nb_pages: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
+def _try(f, *args):
+    try: return f(*args), None
+    except RuntimeError as e: return None, str(e)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for step 1")
@@ -322,10 +334,11 @@ def main(argv=None) -> int:
     site_url = f"{cfg.get('doc_host', '')}{cfg.get('doc_baseurl', '')}"
     fill = {"@@SITE@@": html.escape(cfg.get("title", cfg.lib_name)), "@@TAGLINE@@": html.escape(cfg.get("description", "")),
             "@@REPO@@": html.escape(cfg.get("git_url", ""))}
-    for s, page, meta, md in built:
-        try: out = render_page(pandoc, template, meta, md)
-        except RuntimeError as e:
-            failed[s] = str(e); print(f"== docs: {s.relative_to(ROOT)}: {e}", file=sys.stderr); continue
+    with ThreadPoolExecutor(max(1, args.workers)) as ex:  # one pandoc process per page
+        rendered = list(ex.map(lambda b: _try(render_page, pandoc, template, b[2], b[3]), built))
+    for (s, page, meta, md), (out, err) in zip(built, rendered):
+        if err:
+            failed[s] = err; print(f"== docs: {s.relative_to(ROOT)}: {err}", file=sys.stderr); continue
         for k, v in fill.items(): out = out.replace(k, v)
         out = out.replace("@@SIDEBAR@@", sidebar_html(pages, page))
         (tmp / page).write_text(local_links(out, site_url, nb_pages))
