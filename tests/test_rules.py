@@ -269,3 +269,14 @@ def test_bad_input_names_the_column(demo):
     with pytest.raises(AuditError, match="column 'code' has 1 null value.*subject_id=10000001"):
         audit_rules(small.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise("code").alias("code")))
     with pytest.raises(AuditError, match="expected a polars DataFrame"): audit_rules(small.to_dicts())
+
+
+def test_empty_input_and_a_record_without_events():
+    from synehr.data import empty_events
+    a = audit_rules(empty_events())
+    assert a.scores.is_empty() and a.scores.schema == pl.Schema(SCORES_SCHEMA) and a.violations.is_empty()
+    ev = pl.DataFrame({"subject_id": [1, 1], "time": [None, None], "code": ["SEX/F", "RACE/WHITE"], "numeric_value": [None, None],
+                       "text_value": [None, None]}, schema=EVENT_SCHEMA)
+    a = audit_rules(ev)  # only static rows: the grammar refuses it (no birth), no clinical rule has anything to check
+    assert a.violations.select("rule_id", "detail").rows() == [("GRAMMAR", "no MEDS_BIRTH")]
+    assert a.scores.select("score", "passed").rows() == [(10 * ERROR_FACTOR, False)]
