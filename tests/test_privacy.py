@@ -180,3 +180,14 @@ def test_bad_input(cohort):
     rng = np.random.default_rng(0)
     with pytest.raises(PrivacyInputError, match="equally large"):
         nnaar(random_records(5, 3, 2, rng), random_records(4, 3, 2, rng), random_records(5, 3, 2, rng))
+
+
+def test_records_without_visits_are_counted_not_scored(cohort):
+    members, non_members = cohort
+    synth = simulate_cohort(60, seed=11)
+    no_visit = synth["subject_id"].unique().sort()[:5].to_list()
+    synth = synth.filter(~(pl.col("subject_id").is_in(no_visit) & pl.col("code").str.starts_with("ADMISSION/")))
+    m = privacy_report(members.filter(pl.col("subject_id").is_in(members["subject_id"].unique().sort()[:60].to_list())),
+                       non_members.filter(pl.col("subject_id").is_in(non_members["subject_id"].unique().sort()[:60].to_list())), synth, seed=0, n_boot=10).metrics
+    assert m["n_synthetic_without_visits"] == 5 and m["n_synthetic"] == 55 and m["n_synthetic_used"] == 55
+    assert m["n_mia"] == 60 and m["n_nnaar"] == 55
