@@ -88,7 +88,7 @@ def _filter_cls():
 
 
 def _patch_showdoc():
-    """Two fixes to nbdev's `show_doc`, in the docs worker only.
+    """Three fixes to nbdev's `show_doc`, in the docs worker only.
     - A class whose metaclass defines `__call__` (every flax NNX module) would be shown with the metaclass's
       `(*args: Any, **kwargs: Any)`, whose string annotations do not even resolve (NameError): show its `__init__`.
     - The source link's line number is looked up by the bare name (`f`), but an object imported from its module is
