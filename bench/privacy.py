@@ -117,7 +117,7 @@ def main(argv=None):
                runs_s=rep_s, metrics={k: m[k] for k in ("mia_accuracy", "mia_auroc", "aia_f1_gain", "nnaar", "copy_rate_synthetic",
                                                         "dcr_synthetic_below_holdout_p05")}, **extra),
         record("privacy", f"nearest visit-aligned Hamming distance, {len(A):,} member queries x {len(S):,} synthetic (V {V}, C {S.C}); "
-               f"max |ours - sklearn| = {agree:g}", ours_rate, "pairs/s",
+               f"max abs(ours - sklearn) = {agree:g}", ours_rate, "pairs/s",
                "sklearn NearestNeighbors brute, squared euclidean on flattened multi-hots", sk_rate, ours_rate / sk_rate,
                ">= 1x the sklearn brute-force reference", len(ours_s), ours_s=ours_s, sklearn_s=sk_s, **extra),
         record("privacy", f"nearest visit-aligned Hamming distance vs the seed's Python loops ({n_seed} queries x {len(S):,} synthetic)",
