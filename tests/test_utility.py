@@ -69,13 +69,12 @@ def demo():
 
 def test_end_to_end_perfect_generator_keeps_utility(demo, tmp_path):
     tr, te, synth = demo
-    rep = utility_report(tr, te, synth, seed=0, tasks=("phenotype", "mortality"), models=("logreg", "bilstm"), n_boot=50,
+    rep = utility_report(tr, te, synth, seed=0, tasks=("phenotype",), models=("logreg", "bilstm"), n_boot=50,
                          lstm=TINY, figures_dir=tmp_path)
     t = rep.table
-    assert dict(t.schema) == TABLE_SCHEMA and t.height == 2 * 2 * 2
+    assert dict(t.schema) == TABLE_SCHEMA and t.height == 2 * 2
     ok = t.filter(pl.col("status") == "ok")
     assert (ok.filter(pl.col("task") == "phenotype").height == 4)
-    assert (t.filter(pl.col("status") != "ok")["reason"].str.len_chars() > 10).all()
     p = ok.filter(pl.col("task") == "phenotype", pl.col("model") == "logreg")
     assert p["auroc"].min() > 0.65  # there is signal: chronic conditions recur
     assert 0.85 < p.filter(pl.col("setting") == "TSTR")["ratio_auroc"][0] < 1.15
@@ -111,10 +110,13 @@ def test_deterministic_and_degenerate(demo):
     assert m["status"] == "not_evaluable" and "0 positive(s)" in m["reason"] and m["auroc"] is None
     assert not any(k.startswith("utility/mortality/logreg/TSTR") for k in a.metrics)
     rng = np.random.default_rng(0)
-    x, L, Y = rng.random((40, 4, 6)).astype(np.float32), rng.integers(1, 5, 40).astype(np.int32), rng.integers(0, 2, (40, 2))
+    # the shapes of the end-to-end phenotype run (10 visits, 22 chapters, vocabulary padded to 256): no new compile
+    x, L, Y = (rng.random((40, 10, 200)) < 0.05).astype(np.float32), rng.integers(1, 11, 40).astype(np.int32), rng.integers(0, 2, (40, 22))
     s1, l1 = fit_predict_bilstm(x, L, Y, x[:7], L[:7], softmax=False, cfg=TINY, seed=1)
     s2, l2 = fit_predict_bilstm(x, L, Y, x[:7], L[:7], softmax=False, cfg=TINY, seed=1)
-    assert np.array_equal(s1, s2) and np.array_equal(l1, l2) and s1.shape == (7, 2) and l1[-10:].mean() < l1[:10].mean()
+    s3, _ = fit_predict_bilstm(x, L, Y, x[:7], L[:7], softmax=False, cfg=TINY, seed=2)
+    assert np.array_equal(s1, s2) and np.array_equal(l1, l2) and not np.array_equal(s1, s3) and s1.shape == (7, 22)
+    assert l1[-10:].mean() < l1[:10].mean()
 
 
 def test_bad_input_is_named(demo):
