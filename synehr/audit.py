@@ -208,7 +208,7 @@ def write_audit(out_dir: str | Path, # RUN/audit
     ids = kept.filter("kept")["subject_id"]
     ev = synth_events.filter(pl.col("subject_id").is_in(ids.implode()))
     if codes is not None: codes = codes.filter(pl.col("code").is_in(ev["code"].unique().implode()))
-    write_meds(audited_dir, ev, pl.DataFrame({"subject_id": ids.sort(), "split": "train"}), codes=codes,
+    write_meds(audited_dir, ev, pl.DataFrame({"subject_id": ids.sort(), "split": "train"}, schema={"subject_id": pl.Int64, "split": pl.String}), codes=codes,
                dataset_name="synehr-synthetic-audited", max_time=None)
     rep = AuditReport(scores, kept, effects, tuple(keep))
     write_json(out_dir/"audit.json", {"n": rep.n, "n_kept": rep.n_kept, "keep": list(keep),
@@ -236,7 +236,7 @@ def audit_stage(run, # the run directory (synehr.core.RunDir)
                 cfg, # the run's RunConfig
                ) -> AuditReport:
     "Audit RUN/synthetic/kde with the rules, the critic and (if configured) the LLM judge; keep what passes audit_keep."
-    from synehr.critic import critic_scores, plot_critic, save_critic, train_critic
+    from synehr.critic import CriticConfig, critic_scores, plot_critic, save_critic, train_critic
     from synehr.data import read_meds
     from synehr.rules import audit_rules
     from synehr.tokenizer import Vocab
@@ -247,7 +247,10 @@ def audit_stage(run, # the run directory (synehr.core.RunDir)
     rules_s, rules_r = audit_rules(synth, vocab=vocab), audit_rules(ref, vocab=vocab)
     write_parquet(rules_s.violations, run.audit/"violations.parquet")
     write_parquet(rules_s.totals, run.audit/"rule_totals.parquet")
-    critic = train_critic(train, synth, vocab, seed=cfg.seed)
+    n_synth = synth["subject_id"].n_unique()
+    if n_synth < 4: raise ValueError(f"{run.synthetic/'kde'}: {n_synth} synthetic records are too few to audit (the critic needs >= 4); "
+                                     "generate more (n_synthetic) or longer ones (gen_max_len)")
+    critic = train_critic(train, synth, vocab, seed=cfg.seed, cfg=CriticConfig(folds=min(5, n_synth // 2)))
     save_critic(critic, run.audit/"critic")
     crit_s, crit_r = (critic_scores(critic, ev, vocab, threshold=cfg.critic_threshold) for ev in (synth, ref))
     plt.close(plot_critic(critic, {"held-out real": crit_r, "synthetic": crit_s}, path=run.figures/"critic.png"))

@@ -188,10 +188,10 @@ class RunConfig:
     eval_every: int = 10 # evaluate on the tuning split every this many steps
     patience: int = 3 # evaluations without improvement before stopping early (0 = never)
     # generation (07_generate)
-    n_synthetic: int = 24 # synthetic records to generate
+    n_synthetic: int = 48 # synthetic records to generate
     prompts: str = "real" # "real": demographic headers of held-out records (as the seed); "unconditional": START_RECORD only
     gen_rows: int = 16 # records in flight at once (continuous batching)
-    gen_max_len: int = 192 # tokens per synthetic record at most (<= the model context)
+    gen_max_len: int = 256 # tokens per synthetic record at most (<= the model context)
     temperature: float = 1.0 # sampling temperature (0 = greedy)
     top_p: float = 0.98 # nucleus sampling (the seed's 0.98)
     top_k: int = 0 # keep the k most likely tokens (0 = off)
@@ -212,7 +212,8 @@ class RunConfig:
     judge_max_records: int = 0 # judge at most this many synthetic (and as many real) records; 0 = all
     # evaluation (10a_fidelity, 10b_utility, 10c_privacy, 10d_evaluate)
     prompt_split: str = "tuning" # split whose headers prompt generation; evaluation compares with held_out (the seed: prompts from the split it compares with)
-    eval_boot: int = 200 # bootstrap resamples behind every confidence interval
+    eval_boot: int = 50 # bootstrap resamples behind every confidence interval
+    utility_models: tuple = ("logreg",) # train-on-synthetic models, of "logreg", "hgb", "bilstm" (the seed's BiLSTM)
 
     def __post_init__(self):
         for f in fields(self):
@@ -244,6 +245,8 @@ class RunConfig:
             raise ConfigError("config field 'audit_keep' has 'llm' but no judge is configured: set 'judge_endpoint' or 'judge_gguf'")
         if "llm" in self.audit_keep and self.judge_max_records:
             raise ConfigError("config field 'audit_keep' has 'llm', so the judge must score every record: set 'judge_max_records' to 0")
+        if bad := [m for m in self.utility_models if m not in ("logreg", "hgb", "bilstm")]:
+            raise ConfigError(f"config field 'utility_models' must list models of ('logreg', 'hgb', 'bilstm'), got {bad}")
         if self.prompt_split not in ("train", "tuning", "held_out"):
             raise ConfigError(f"config field 'prompt_split' must be one of ('train', 'tuning', 'held_out'), got {self.prompt_split!r}")
         fr = self.split_fractions

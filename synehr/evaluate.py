@@ -165,11 +165,12 @@ def evaluate_stage(run, # the run directory (synehr.core.RunDir)
     from synehr.data import read_meds
     train, ref, prompts = (read_meds(run.cohort, s, validate=False).collect() for s in ("train", "held_out", cfg.prompt_split))
     synth = {"before audit": read_meds(run.synthetic/"kde", validate=False).collect()}
-    audited = read_meds(run.synthetic/"audited", validate=False).collect()
-    if audited["subject_id"].n_unique() >= 2: synth["after audit"] = audited
-    else: get_logger("synehr.evaluate").warning(f"the audit kept {audited['subject_id'].n_unique()} records: evaluating before the audit only")
+    n_kept = pl.read_parquet(run.audit/"scores.parquet").filter("kept")["subject_id"].n_unique()
+    if n_kept >= 2: synth["after audit"] = read_meds(run.synthetic/"audited", validate=False).collect()
+    else: get_logger("synehr.evaluate").warning(f"the audit kept {n_kept} records: evaluating the records before the audit only")
     rep = evaluate(train, ref, synth, seed=cfg.seed, n_boot=cfg.eval_boot, critic_auroc=_critic_aurocs(run),
-                   seed_way_ref=prompts if cfg.prompt_split != "held_out" else None, figures_dir=run.figures/"eval")
+                   seed_way_ref=prompts if cfg.prompt_split != "held_out" else None, figures_dir=run.figures/"eval",
+                   utility_kw={"models": cfg.utility_models})
     effects = pl.read_parquet(run.audit/"effects.parquet")
     write_eval(run.eval, rep, effects, {"config_hash": cfg.hash(), "reference": "held_out", "prompt_split": cfg.prompt_split})
     return rep

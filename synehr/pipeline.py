@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -20,8 +21,8 @@ import synehr
 from .core import ConfigError, RunConfig, RunDir, get_logger, write_json
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_FIELDS', 'project_root', 'load_params', 'StageError', 'stage_key', 'is_current', 'run_stage',
-           'stage_times', 'run_pipeline', 'main']
+__all__ = ['STAGES', 'STAGE_FIELDS', 'STAGE_OUTPUTS', 'project_root', 'load_params', 'StageError', 'stage_key', 'is_current',
+           'run_stage', 'stage_times', 'run_pipeline', 'main']
 
 # %% ../nbs/12_pipeline.ipynb #d8ca2468
 def project_root() -> Path:
@@ -61,7 +62,13 @@ STAGE_FIELDS = {  # the config fields each stage reads (beyond those of the stag
     "kde": ("kde_cells", "kde_bandwidth", "kde_min_count", "kde_tails"),
     "audit": ("audit_keep", "critic_threshold", "judge_endpoint", "judge_gguf", "judge_model", "judge_allow_remote",
               "judge_threshold", "judge_max_records"),
-    "evaluate": ("eval_boot",),
+    "evaluate": ("eval_boot", "utility_models"),
+}
+
+STAGE_OUTPUTS = {  # what each stage writes under the run directory (cleared when it runs with a new key)
+    "data": ("input",), "cohort": ("cohort",), "tokenizer": ("tokenizer", "tokens"), "knowledge": ("knowledge",),
+    "model": ("model",), "generate": ("synthetic/raw", "synthetic/meds", "synthetic/decode_report.parquet"),
+    "kde": ("kde", "synthetic/kde"), "audit": ("audit", "synthetic/audited"), "evaluate": ("eval",),
 }
 
 class StageError(RuntimeError):
@@ -93,7 +100,7 @@ def run_stage(name: str, # a stage of STAGES
               cfg: RunConfig, # the run's config
               force: bool = False, # run even if it is up to date
              ):
-    "Run stage `name` unless it is up to date; return its report (None when skipped). Later stages' markers are cleared when it runs."
+    "Run stage `name` unless it is up to date; return its report (None when skipped). Later stages' markers are cleared when it runs;\n    its old outputs too, unless it resumes an interrupted run of the same configuration."
     log = get_logger()
     if not force and is_current(run, cfg, name):
         log.info(f"stage {name}: up to date (key {stage_key(cfg, name)}), skipped"); return None
@@ -102,11 +109,20 @@ def run_stage(name: str, # a stage of STAGES
             raise StageError(f"stage {name!r} reads the outputs of stage {up!r}, which is not done for this configuration in "
                              f"{run.root}: run `synehr run` (or `synehr stage {up}` first)")
     for later in STAGES[STAGES.index(name):]: _marker(run, later).unlink(missing_ok=True)
+    key, started = stage_key(cfg, name), run.root/"stages"/f"{name}.started.json"
+    if not (started.exists() and json.loads(started.read_text()).get("key") == key):
+        # not the resumption of an interrupted run of this very configuration: what the stage wrote before is stale
+        for rel in STAGE_OUTPUTS[name]:
+            p = run.root/rel
+            if p.is_dir(): shutil.rmtree(p)
+            elif p.exists(): p.unlink()
+    write_json(started, {"stage": name, "key": key})
     t0 = time.perf_counter()
     report = _STAGE_FNS[name](run, cfg)
     secs = time.perf_counter() - t0
-    write_json(_marker(run, name), {"stage": name, "key": stage_key(cfg, name), "seconds": round(secs, 3),
+    write_json(_marker(run, name), {"stage": name, "key": key, "seconds": round(secs, 3),
                                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    started.unlink()
     write_json(run.root/"timings.json", stage_times(run))
     log.info(f"stage {name}: {secs:.1f} s")
     return report

@@ -73,7 +73,7 @@ def test_cli_run_ci_end_to_end(tmp_path):
     splits = read_splits(out / "input")
     assert splits.group_by("split").len().sort("split")["len"].to_list() == [30, 240, 30]
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) == {"data", "cohort", "tokenizer", "knowledge", "model", "generate", "kde"} and min(timings.values()) > 0
+    assert set(timings) == set(STAGES) and min(timings.values()) > 0
     # cohort: the same subjects and splits, every dropped event accounted for in stats.json
     cohort = read_meds(out / "cohort").collect()
     assert read_splits(out / "cohort").sort("subject_id").equals(splits.sort("subject_id"))
@@ -102,7 +102,7 @@ def test_cli_run_ci_end_to_end(tmp_path):
     # generation: every record accounted for; finished ones decoded to a MEDS dataset the meds schema accepts
     from synehr.generate import read_generated
     raw = read_generated(out / "synthetic" / "raw")
-    assert raw.height == 24 and raw["subject_id"].min() >= 10**9
+    assert raw.height == 48 and raw["subject_id"].min() >= 10**9
     synth = read_meds(out / "synthetic" / "meds", max_time=None).collect()
     assert set(synth["subject_id"].unique()) == set(raw.filter("finished")["subject_id"])
     post = read_meds(out / "synthetic" / "kde", max_time=None).collect()
@@ -112,6 +112,25 @@ def test_cli_run_ci_end_to_end(tmp_path):
     assert (out / "figures" / "train_loss.png").stat().st_size > 10_000
     assert (out / "figures" / "cohort_coverage.png").stat().st_size > 10_000
     assert (out / "figures" / "rgcn_link_prediction.png").stat().st_size > 10_000
+    # audit: every post-processed record scored by the rules and the critic; the kept ones are exactly those passing both
+    scores = pl.read_parquet(out / "audit" / "scores.parquet")
+    n_post = post["subject_id"].n_unique()
+    assert scores.group_by("judge").len().sort("judge").rows() == [("critic", n_post), ("rules", n_post)]
+    kept = scores.group_by("subject_id").agg(pl.col("passed").all()).filter("passed")["subject_id"]
+    audited = read_meds(out / "synthetic" / "audited", max_time=None).collect()
+    assert set(audited["subject_id"].unique()) == set(kept) == set(scores.filter("kept")["subject_id"])
+    effects = pl.read_parquet(out / "audit" / "effects.parquet")
+    assert {"rules score", "critic score", "rule violations"} <= set(effects["measure"]) and set(effects["stage"]) == {"before", "after"}
+    # evaluation: finite metrics for both sets and the seed's comparison, and a report that names them
+    import math
+    doc = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(doc["sets"]) == {"before audit", "after audit", "seed_way"} or (len(kept) < 2 and set(doc["sets"]) == {"before audit", "seed_way"})
+    for name, m in doc["sets"].items():
+        assert m and all(math.isfinite(v) for v in m.values()), name
+    for key in ("fidelity.unigram.r2", "utility.n_evaluated", "privacy.mia_f1", "privacy.copy_rate_synthetic"):
+        assert key in doc["sets"]["before audit"], key
+    assert "## Headline" in (out / "eval" / "report.md").read_text()
+    assert main(["report", str(out)]) == 0
     # a stage whose marker is gone (killed before it finished) runs again, and only it and the stages after it;
     # the run is deterministic, so it writes the same records
     (out / "stages" / "kde.json").unlink()
