@@ -18,7 +18,8 @@ from .utility import utility_report
 from .privacy import privacy_report
 
 # %% auto #0
-__all__ = ['FAMILIES', 'HEADLINE', 'SETS', 'EvalReport', 'evaluate', 'report_markdown', 'write_eval', 'evaluate_stage']
+__all__ = ['FAMILIES', 'HEADLINE', 'SUMMARY', 'SETS', 'EvalReport', 'evaluate', 'report_markdown', 'summary_markdown',
+           'write_eval', 'evaluate_stage']
 
 # %% ../nbs/10d_evaluate.ipynb #0e88e5a7
 FAMILIES = ("fidelity", "utility", "privacy")
@@ -133,6 +134,24 @@ def report_markdown(rep: EvalReport, # from `evaluate`
     parts += ["", "## Every metric, side by side", "", _md(rep.side_by_side(), digits=4)]
     return "\n".join(parts) + "\n"
 
+SUMMARY = (("unigram R2", "fidelity.unigram.r2"), ("binary prevalence R2", "fidelity.prevalence.binary.r2"),
+           ("critic AUROC", "fidelity.critic.auroc"), ("utility: TSTR/TRTR AUROC", "utility.mean_ratio_auroc"),
+           ("membership inference F1", "privacy.mia_f1"), ("exact copies", "privacy.copy_rate_synthetic"))
+
+def summary_markdown(rep: EvalReport, effects: pl.DataFrame | None = None) -> str:
+    "The few numbers the README shows: fidelity R2, utility ratio, MIA F1 per set, and the audit's Cohen's d."
+    sets = [s for s in rep.sets if s != "seed_way"]
+    f = lambda m, k: f"{m[k]:.3g}" if k in m else "n/a"
+    rows = [("synthetic records", *[f"{int(rep.metrics[s].get('fidelity.n.synth_subjects', 0)):,}" for s in sets])]
+    rows += [(label, *[f(rep.metrics[s], k) for s in sets]) for label, k in SUMMARY]
+    if effects is not None:
+        for m in ("rules score", "rule violations", "critic score"):
+            e = {r["stage"]: r["d"] for r in effects.filter(pl.col("measure") == m).iter_rows(named=True)}
+            if e: rows.append((f"Cohen's d real vs synthetic, {m}", *[("n/a" if e.get(st) is None else f"{e[st]:.2f}")
+                                                                      for st in ("before", "after")][:len(sets)]))
+    head = "| | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets)
+    return head + "".join("\n| " + " | ".join(r) + " |" for r in rows) + "\n"
+
 def write_eval(out_dir: str | Path, # RUN/eval
                rep: EvalReport, effects: pl.DataFrame | None = None, # the audit's effect sizes
                extra: dict | None = None, # more entries for metrics.json (e.g. the config hash)
@@ -142,6 +161,7 @@ def write_eval(out_dir: str | Path, # RUN/eval
     doc = {"sets": rep.metrics, "seconds": rep.seconds, **(extra or {})}
     if effects is not None: doc["audit_effects"] = effects.to_dicts()
     write_json(out/"metrics.json", doc)
+    write_text(out/"summary.md", summary_markdown(rep, effects))
     return write_text(out/"report.md", report_markdown(rep, effects))
 
 # %% ../nbs/10d_evaluate.ipynb #7c9499bf
