@@ -227,7 +227,9 @@ def _llm_scores(run, cfg, synth: pl.DataFrame, ref: pl.DataFrame, codes: pl.Data
         return ev.filter(pl.col("subject_id").is_in(ids.tolist()))
     server = llama_server(cfg.judge_gguf) if cfg.judge_gguf else contextlib.nullcontext(cfg.judge_endpoint)
     with server as url:
-        be = OpenAIBackend(url, model=cfg.judge_model, seed=cfg.seed, allow_remote=cfg.judge_allow_remote)
+        gguf = Path(cfg.judge_gguf).resolve() if cfg.judge_gguf else None  # served on a new port each time: resume by the file
+        be = OpenAIBackend(url, model=cfg.judge_model, seed=cfg.seed, allow_remote=cfg.judge_allow_remote,
+                           identity=f"gguf:{gguf}:{gguf.stat().st_size}" if gguf else None)
         out = [judge_records(pick(ev, name), be, codes, out_dir=run.audit/"judge"/name, threshold=cfg.judge_threshold)
                for ev, name in ((synth, "synthetic"), (ref, "reference"))]
     return out[0], out[1]

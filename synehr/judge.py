@@ -184,6 +184,7 @@ class OpenAIBackend:
                  backoff: float = 1.0, # seconds before the first retry, doubled each time
                  api_key: str | None = None, # sent as a bearer token (default: $OPENAI_API_KEY if set)
                  allow_remote: bool = False, # allow an endpoint off this machine (see `check_endpoint`)
+                 identity: str | None = None, # what the answers depend on, for resuming (default: the endpoint), e.g. a served GGUF file
                 ):
         if response_format not in ("json_schema", "json_object", "none"):
             raise ValueError(f"response_format {response_format!r}: expected 'json_schema', 'json_object' or 'none'")
@@ -193,11 +194,11 @@ class OpenAIBackend:
         self.model, self.response_format, self.max_tokens, self.temperature, self.seed = model, response_format, max_tokens, temperature, seed
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self._lock, self.n_requests = threading.Lock(), 0
+        self._lock, self.n_requests, self.identity = threading.Lock(), 0, identity
 
     def fingerprint(self) -> dict:
         "What determines the answers (for resuming shards)."
-        return {"backend": "openai", "endpoint": self.endpoint, "model": self.model, "response_format": self.response_format,
+        return {"backend": "openai", "endpoint": self.identity or self.endpoint, "model": self.model, "response_format": self.response_format,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed}
 
     def _body(self, messages: list[dict], schema: dict | None) -> dict:

@@ -1,0 +1,58 @@
+"""Benchmark: the whole evaluation (synehr.evaluate.evaluate: fidelity, utility, privacy) of 20k synthetic records
+against 20k real reference records (and 20k real training records as utility's TRTR side and privacy's members).
+
+usage: python bench/evaluate.py [--quick] [--models logreg,hgb,bilstm]
+Inputs (untimed): three simulator cohorts (train seed 0, reference seed 1, synthetic seed 2; 1,000 each with
+--quick). Measured: wall seconds of one `evaluate` call with every family (bootstrap 100, figures written), against
+the target of 2 minutes; per-family seconds are recorded beside it. Median of 3 runs (1 with --quick).
+Writes bench/results/evaluate.json and appends a row to bench/README.md.
+"""
+import sys
+from pathlib import Path
+
+# keep bench/ off the import path: bench/tokenize.py would shadow the standard library's tokenize
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_common", _HERE / "_common.py")
+_common = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(_common)
+median, record, save = _common.median, _common.record, _common.save
+
+TARGET_S = 120.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default="logreg,hgb", help="utility models (the seed's BiLSTM: add bilstm)")
+    a = ap.parse_args()
+    import polars as pl
+    from synehr.demo import simulate_cohort
+    from synehr.evaluate import evaluate
+    n, runs = (1000, 1) if a.quick else (20000, 3)
+    train, ref, synth = (simulate_cohort(n, seed=s) for s in (0, 1, 2))
+    synth = synth.with_columns(pl.col("subject_id") + 10**9)
+    models = tuple(a.models.split(","))
+    secs, fam = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            rep = evaluate(train, ref, {"synthetic": synth}, seed=0, n_boot=100, figures_dir=d, utility_kw={"models": models})
+            secs.append(time.perf_counter() - t0)
+            fam.append(rep.seconds["synthetic"])
+        print(f"run: {secs[-1]:.1f} s " + ", ".join(f"{k} {v:.1f} s" for k, v in fam[-1].items()), flush=True)
+    s = median(secs)
+    per = {k: round(median([f[k] for f in fam]), 2) for k in fam[0]}
+    rec = record("evaluate", f"full evaluation (fidelity + utility [{'+'.join(models)}] + privacy), {n:,} synthetic x {n:,} real "
+                 f"(+ {n:,} train), bootstrap 100; per family {per}", s, "s", "target", TARGET_S, TARGET_S / s,
+                 "<= 120 s on this machine", runs, per_family_s=per)
+    print(save("evaluate", rec))
+
+
+if __name__ == "__main__":
+    main()
