@@ -49,11 +49,18 @@ def set_results(run: Path) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     order = ["data", "cohort", "tokenizer", "knowledge", "model", "generate", "kde", "audit", "evaluate"]
     stage_line = ", ".join(f"{s} {times[s]:.0f} s" for s in order if s in times)
+    import polars as pl
+    scores = pl.read_parquet(run / "audit" / "scores.parquet")
+    n, n_kept = scores["subject_id"].n_unique(), scores.filter("kept")["subject_id"].n_unique()
+    top = (pl.read_parquet(run / "audit" / "violations.parquet").filter(pl.col("severity") == "error")
+           .group_by("rule_id", "kind").agg(pl.col("subject_id").n_unique().alias("records")).sort("records", "rule_id", descending=[True, False]).head(4))
+    audit_line = (f"The audit kept {n_kept:,} of {n:,} synthetic records. The error rules broken by the most records: "
+                  + ", ".join(f"{r} ({k}, {m:,} records)" for r, k, m in top.iter_rows()) + " (`RUN/audit/violations.parquet`).")
     text = (f"{RESULTS_HEADING}\n\nWritten by the pipeline itself (`RUN/eval/summary.md` of `synehr run -p params/demo.yaml`, "
             f"{subjects} demo subjects; copied here by `python tools/make_readme.py --results runs/demo`; commit {commit}, "
             f"{datetime.date.today().isoformat()}, 2 CPU cores). Before/after: the post-processed synthetic records and the "
             f"ones the audit kept, each against the held-out split. The full tables are in `runs/demo/eval/report.md`.\n\n"
-            f"{summary}\n\nStage times: {stage_line}; {sum(times.values()) / 60:.1f} minutes in all.")
+            f"{summary}\n\n{audit_line}\n\nStage times: {stage_line}; {sum(times.values()) / 60:.1f} minutes in all.")
     nb_path = ROOT / "nbs" / "index.ipynb"
     nb = json.loads(nb_path.read_text())
     cells = [c for c in nb["cells"] if c["cell_type"] == "markdown" and "".join(c["source"]).startswith(RESULTS_HEADING)]
