@@ -203,6 +203,7 @@ def write_meds(root: str | Path, # dataset folder (replaced as a whole)
     if len(b := ev.with_row_index("row").filter(pl.col("split").is_null()).unique("subject_id", keep="first", maintain_order=True).head(3)):
         raise MEDSError("events", "subject_id", "subject has no split", b)
     with atomic_path(root, is_dir=True) as tmp:
+        (tmp/meds.data_subdirectory).mkdir()  # present even when there are no events (an audit may keep none)
         for split in SPLITS:
             part = ev.filter(pl.col("split") == split).drop("split")
             subjects = part["subject_id"].unique(maintain_order=True).to_numpy()

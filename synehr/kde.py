@@ -25,7 +25,7 @@ from .generate import merge_repeats
 __all__ = ['METHODS', 'GRID_PARAMS', 'FIELDS', 'KDEConfigError', 'KDEVariable', 'parse_kde_config', 'gap_rows', 'gaps_table',
            'labs_table', 'visits_table', 'patients_table', 'bandwidth', 'kde_cell_mass', 'kde_grid',
            'generate_kde_grids', 'sample_from_kde_grid', 'kit_kde_config', 'fit_kit_kde', 'KDEReport',
-           'kde_postprocess', 'ks_distance']
+           'kde_postprocess', 'derive_labs', 'ks_distance']
 
 # %% ../nbs/08_postprocess.ipynb #f6de2804
 METHODS = ("kde_range", "kde_joint", "value_counts")
@@ -620,6 +620,44 @@ def kde_postprocess(events: pl.DataFrame, # decoded MEDS events (subject_id, tim
     out, dup = merge_repeats(out.select([pl.col(c).cast(d) for c, d in EVENT_SCHEMA.items()]))  # MEDS has no duplicate rows
     rep.repeats = dup.height
     return out, rep
+
+# %% ../nbs/08_postprocess.ipynb #drv00002
+def derive_labs(events: pl.DataFrame, # MEDS events of whole subjects, e.g. after `kde_postprocess`
+                rules: pl.DataFrame | None = None, # rule table (the kit's by default): its `derived_lab` rules are used
+               ) -> tuple[pl.DataFrame, dict]:
+    "Recompute every derived lab from its inputs of the same draw (MDRD eGFR, anion gap, Friedewald LDL) -> (events, counts per rule)."
+    from synehr.demo import annotate, load_rules, prefixes
+    rules = (rules if rules is not None else load_rules()).filter(pl.col("kind") == "derived_lab")
+    ev = events.with_row_index("_row")
+    a = annotate(events).with_row_index("_row").select("_row", "age", "sex")  # same row order as `events`
+    labs = ev.filter(pl.col("code").str.starts_with("LAB/")).join(a, on="_row", how="left")
+    val = pl.col("numeric_value").cast(pl.Float64)
+    new, drop, counts = [], [], {}
+    for r in rules.iter_rows(named=True):
+        y, xs, rel = r["lab_code"], list(prefixes(r["other_code_prefix"])), r["relation"]
+        t = labs.filter(pl.col("code") == y).select("_row", "subject_id", "time", "age", "sex")
+        for i, x in enumerate(xs):
+            first = labs.filter(pl.col("code") == x).group_by("subject_id", "time", maintain_order=True).agg(val.first().alias(f"x{i}"))
+            t = t.join(first, on=["subject_id", "time"], how="left")
+        if rel == "mdrd_egfr":
+            f = (175.0 * pl.col("x0") ** -1.154 * pl.col("age").cast(pl.Float64) ** -0.203
+                 * pl.when(pl.col("sex") == "F").then(0.742).otherwise(1.0)).round(0)
+            f = pl.when(pl.col("age") > 0).then(f)
+        elif rel == "anion_gap": f = pl.col("x0") - pl.col("x1") - pl.col("x2")
+        elif rel == "friedewald": f = pl.when(pl.col("x2") < 400).then((pl.col("x0") - pl.col("x1") - pl.col("x2") / 5).round(0))
+        else: raise ValueError(f"rule {r['rule_id']}: no formula for relation {rel!r}")
+        t = t.with_columns(f.alias("f"))
+        if rel == "friedewald": drop.append(t.filter(pl.col("f").is_null())["_row"])
+        ok = t.filter(pl.col("f").is_not_null())
+        new.append(ok.select("_row", "f"))
+        counts[r["rule_id"]] = {"recomputed": ok.height, "dropped": t.height - ok.height if rel == "friedewald" else 0,
+                                "unchanged_inputs_missing": t.height - ok.height if rel != "friedewald" else 0}
+    upd = pl.concat(new) if new else pl.DataFrame(schema={"_row": pl.UInt32, "f": pl.Float64})
+    out = (ev.join(upd, on="_row", how="left", maintain_order="left")
+           .with_columns(pl.coalesce("f", val).cast(pl.Float32).alias("numeric_value"))
+           .filter(~pl.col("_row").is_in(pl.concat(drop).implode() if drop else pl.Series([], dtype=pl.UInt32).implode()))
+           .select(events.columns))
+    return out, counts
 
 # %% ../nbs/08_postprocess.ipynb #d68d7ab0
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -198,12 +198,14 @@ def _stage_generate(run, cfg):
 def _stage_kde(run, cfg):
     from synehr.core import make_key
     from synehr.data import read_codes, read_meds, write_meds
-    from synehr.kde import fit_kit_kde, kde_postprocess
+    from synehr.kde import derive_labs, fit_kit_kde, kde_postprocess
     from synehr.tokenizer import Vocab
     vocab = Vocab.load(run.tokenizer/"vocab.parquet")
     synth = read_meds(run.synthetic/"meds", validate=False).collect()
     fit_kit_kde(run.cohort, vocab, run.kde, cfg)
     post, report = kde_postprocess(synth, vocab, run.kde, make_key(cfg.seed, "kde"), tails=cfg.kde_tails)
+    post, derived = derive_labs(post)  # eGFR, anion gap, LDL recomputed from the labs of their draw
+    write_json(run.kde/"derived_labs.json", derived)
     write_meds(run.synthetic/"kde", post, pl.DataFrame({"subject_id": synth["subject_id"].unique().sort(), "split": "train"}),
                codes=read_codes(run.synthetic/"meds"), dataset_name="synehr-synthetic-kde", max_time=None)
     return report
