@@ -657,6 +657,9 @@ def derive_labs(events: pl.DataFrame, # MEDS events of whole subjects, e.g. afte
            .with_columns(pl.coalesce("f", val).cast(pl.Float32).alias("numeric_value"))
            .filter(~pl.col("_row").is_in(pl.concat(drop).implode() if drop else pl.Series([], dtype=pl.UInt32).implode()))
            .select(events.columns))
+    merged = out.height
+    out = out.unique(maintain_order=True)  # two copies of a derived lab in one draw become one identical row
+    counts["merged_repeats"] = {"recomputed": 0, "dropped": merged - out.height, "unchanged_inputs_missing": 0}
     return out, counts
 
 # %% ../nbs/08_postprocess.ipynb #d68d7ab0
