@@ -32,9 +32,9 @@ from .generate import timeline
 from .rules import SCORES_SCHEMA
 
 # %% auto #0
-__all__ = ['SYSTEM_PROMPT', 'SCORE_MIN', 'SCORE_MAX', 'JUDGE_SCHEMA', 'STATUSES', 'record_text', 'record_texts', 'judge_messages',
-           'Judgement', 'parse_judgement', 'RemoteEndpointError', 'is_loopback', 'check_endpoint', 'RequestError',
-           'OpenAIBackend', 'GGUFBackend', 'free_port', 'llama_server', 'packaged_gguf', 'scores_frame',
+__all__ = ['SYSTEM_PROMPT', 'SCORE_MIN', 'SCORE_MAX', 'JUDGE_SCHEMA', 'GGUF_ENGINES', 'STATUSES', 'record_text', 'record_texts',
+           'judge_messages', 'Judgement', 'parse_judgement', 'RemoteEndpointError', 'is_loopback', 'check_endpoint',
+           'RequestError', 'OpenAIBackend', 'GGUFBackend', 'free_port', 'llama_server', 'packaged_gguf', 'scores_frame',
            'judge_records', 'JudgeReport']
 
 # %% ../nbs/09c_judge.ipynb #84dbb217
@@ -241,38 +241,65 @@ class OpenAIBackend:
         raise RequestError(f"{self.endpoint}: {err}")
 
 # %% ../nbs/09c_judge.ipynb #266546c9
+GGUF_ENGINES = ("llama-cpp-python", "xllamacpp")
+
+def _installed(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
 class GGUFBackend:
-    "A local GGUF model run in-process by llama-cpp-python, as a judge backend."
+    "A local GGUF model run in-process (llama-cpp-python or xllamacpp), as a judge backend."
     def __init__(self, model_path: str | Path, # the .gguf file
                  n_ctx: int = 8192, # context length (prompt + answer)
-                 n_gpu_layers: int = 0, # layers offloaded to a GPU (-1 = all), with a GPU build of llama-cpp-python
+                 n_gpu_layers: int = 0, # layers offloaded to a GPU (-1 = all), with a GPU build
                  n_threads: int | None = None, # CPU threads (None = llama.cpp's default)
                  max_tokens: int = 256, # reply length limit
                  temperature: float = 0.0, # sampling temperature (0 = greedy)
                  seed: int = 0, # sampling seed
+                 engine: str = "auto", # "llama-cpp-python", "xllamacpp" or "auto" (the first installed, in that order)
                 ):
-        try: from llama_cpp import Llama
-        except ImportError as e:
-            raise ImportError("GGUFBackend needs llama-cpp-python (`pip install llama-cpp-python`); or serve the model with "
-                              "llama.cpp's llama-server (see `llama_server`) and use OpenAIBackend") from e
+        if engine not in ("auto", *GGUF_ENGINES): raise ValueError(f"GGUFBackend: engine must be 'auto' or one of {GGUF_ENGINES}, got {engine!r}")
+        if engine == "auto":
+            engine = next((e for e, m in zip(GGUF_ENGINES, ("llama_cpp", "xllamacpp")) if _installed(m)), None)
+            if engine is None:
+                raise ImportError("GGUFBackend needs llama-cpp-python (`pip install llama-cpp-python`) or xllamacpp (`pip install xllamacpp`); "
+                                  "or serve the model with llama.cpp's llama-server (see `llama_server`) and use OpenAIBackend")
+        elif not _installed(dict(zip(GGUF_ENGINES, ("llama_cpp", "xllamacpp")))[engine]):
+            raise ImportError(f"GGUFBackend: engine {engine!r} is not installed (`pip install {engine}`)")
         if not Path(model_path).is_file(): raise FileNotFoundError(f"GGUF model {model_path}: no such file")
-        self.model_path, self.max_tokens, self.temperature, self.seed = str(model_path), max_tokens, temperature, seed
-        self.llm = Llama(model_path=self.model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed, verbose=False)
+        self.model_path, self.engine, self.max_tokens, self.temperature, self.seed = str(model_path), engine, max_tokens, temperature, seed
+        if engine == "llama-cpp-python":
+            from llama_cpp import Llama
+            self.llm = Llama(model_path=self.model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed, verbose=False)
+        else:
+            import xllamacpp as x
+            p = x.CommonParams()
+            p.model.path, p.n_ctx, p.n_parallel, p.n_gpu_layers = self.model_path, n_ctx, 1, n_gpu_layers
+            p.hostnames, p.port = ["127.0.0.1"], 0  # its HTTP side, unused here, listens on loopback only
+            if n_threads: p.cpuparams.n_threads = p.cpuparams_batch.n_threads = n_threads
+            p.sampling.seed, p.verbosity = seed, -1  # llama.cpp's log off
+            self.llm = x.Server(p)
         self._lock, self.n_requests = threading.Lock(), 0
 
     def fingerprint(self) -> dict:
         "What determines the answers (for resuming shards)."
-        return {"backend": "gguf", "model": Path(self.model_path).name, "max_tokens": self.max_tokens,
+        return {"backend": "gguf", "engine": self.engine, "model": Path(self.model_path).name, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "seed": self.seed}
 
     def complete(self, messages: list[dict], schema: dict | None = JUDGE_SCHEMA) -> str:
         "The model's reply text (schema-constrained when `schema` is given)."
-        rf = {"type": "json_object", "schema": schema} if schema is not None else None
+        kw = dict(messages=messages, max_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed)
         with self._lock:
             self.n_requests += 1
-            try: out = self.llm.create_chat_completion(messages=messages, response_format=rf, max_tokens=self.max_tokens,
-                                                       temperature=self.temperature, seed=self.seed)
-            except Exception as e: raise RequestError(f"llama-cpp-python: {type(e).__name__}: {e}") from e
+            try:
+                if self.engine == "llama-cpp-python":
+                    rf = {"type": "json_object", "schema": schema} if schema is not None else None
+                    out = self.llm.create_chat_completion(response_format=rf, **kw)
+                else:
+                    if schema is not None: kw["response_format"] = {"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema}}
+                    out = self.llm.handle_chat_completions({**kw, "cache_prompt": False})  # a reused prefix changes the numerics
+                    if "error" in out: raise RuntimeError(str(out["error"])[:300])
+            except Exception as e: raise RequestError(f"{self.engine}: {type(e).__name__}: {e}") from e
         return out["choices"][0]["message"]["content"] or ""
 
 # %% ../nbs/09c_judge.ipynb #83f8938b

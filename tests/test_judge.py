@@ -12,7 +12,7 @@ import pytest
 from synehr.data import read_codes, read_meds
 from synehr.demo import write_demo_cohort
 from synehr.rules import SCORES_SCHEMA
-from synehr.judge import (JUDGE_SCHEMA, STATUSES, GGUFBackend, JudgeReport, OpenAIBackend, RemoteEndpointError, _get,
+from synehr.judge import (JUDGE_SCHEMA, STATUSES, GGUFBackend, JudgeReport, OpenAIBackend, RemoteEndpointError, RequestError, _get,
                           free_port, judge_records, llama_server, packaged_gguf, parse_judgement, record_texts)
 
 MAX_EVENTS = 4  # short prompts and answers: the CPU run stays fast
@@ -160,18 +160,49 @@ def test_bad_model_path(tmp_path):
         with llama_server(junk, n_threads=1, timeout=60): pass
 
 
-def test_record_texts_and_gguf_backend_error(demo, tmp_path):
+def test_record_texts(demo):
     events, codes = demo
     texts = record_texts(events, codes, max_events=5)
     assert list(texts) == sorted(events["subject_id"].unique().to_list())
     for t in texts.values():
         lines = t.splitlines()
         assert sum(l.split(": ", 1)[1].count("; ") + 1 for l in lines[3:] if not l.startswith("...")) <= 5
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="GGUFBackend needs llama-cpp-python"):
-            GGUFBackend(tmp_path / "m.gguf")
-    else:
-        with pytest.raises(FileNotFoundError, match="no such file"):
-            GGUFBackend(tmp_path / "m.gguf")
+
+
+def _engines():
+    "xllamacpp is a test requirement (it must run); llama-cpp-python is optional (no wheel fits every machine)."
+    import importlib.util
+    have = importlib.util.find_spec("llama_cpp") is not None
+    return ["xllamacpp", pytest.param("llama-cpp-python", marks=pytest.mark.skipif(not have, reason="llama-cpp-python is not installed"))]
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_gguf_backend_in_process(engine, gguf, demo, tmp_path):
+    "The packaged GGUF judged in-process: schema-shaped replies, deterministic, resumable shards, errors named."
+    events, codes = demo
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        GGUFBackend(tmp_path / "m.gguf", engine=engine)
+    gb = GGUFBackend(gguf, n_ctx=2048, n_threads=1, max_tokens=48, engine=engine)
+    assert gb.engine == engine and gb.fingerprint()["engine"] == engine
+    kw = dict(out_dir=tmp_path / "shards", concurrency=2, shard_size=2, max_events=MAX_EVENTS, schema=SHORT)
+    s = judge_records(events, gb, codes, **kw)
+    assert s.schema == pl.Schema(SCORES_SCHEMA) and len(s) == events["subject_id"].n_unique()
+    assert s["status"].to_list() == ["ok"] * len(s), s  # the schema-constrained reply always parses
+    assert s["score"].is_between(1, 10).all()
+    n = gb.n_requests
+    assert n == len(s)
+    again = judge_records(events, gb, codes, **kw)  # every shard is on disk: nothing is sent
+    assert gb.n_requests == n and again.equals(s)
+    fresh = judge_records(events, gb, codes, **{**kw, "out_dir": tmp_path / "fresh"})  # greedy and seeded: the same answers
+    assert fresh.equals(s)
+    with pytest.raises(RequestError, match=engine):  # a malformed request fails as a RequestError naming the engine
+        gb.complete([{"role": "user", "content": 5}], None)
+
+
+def test_gguf_backend_engines(tmp_path):
+    with pytest.raises(ValueError, match="engine must be"):
+        GGUFBackend(tmp_path / "m.gguf", engine="vllm")
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        with pytest.raises(ImportError, match="'llama-cpp-python' is not installed"):
+            GGUFBackend(tmp_path / "m.gguf", engine="llama-cpp-python")
