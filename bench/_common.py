@@ -66,3 +66,44 @@ def save(name: str, records: dict | list[dict]) -> Path:
             f.write(f"| {r['date']} | {r['commit']} | {r['name']} | {r['what']} | {r['value']:.4g} | {r['unit']} | "
                     f"{r['baseline']} | {r['baseline_value']:.4g} | {r['ratio']:.3g} | {r['target']} | {r['machine']} |\n")
     return path
+
+
+def matmul_peak(seconds: float = 2.0) -> dict:
+    """This machine's measured float32 matmul rate (GFLOP/s): the best of torch (if importable) and XLA over a few
+    large square and decoder-shaped products, each repeated for about `seconds`. A ceiling for any float32
+    transformer step here: training and decoding are mostly matmuls, so neither side of a ratio can run faster."""
+    import numpy as np
+    shapes = [(2048, 2048, 2048), (1024, 1024, 1024), (2048, 384, 1024), (2048, 1024, 384)]
+    out = {}
+
+    def best(fn, m, k, n):
+        fn()  # warm up (compiles on the XLA side)
+        t_end, rates = time.perf_counter() + seconds / len(shapes), []
+        while time.perf_counter() < t_end or len(rates) < 3:
+            t0 = time.perf_counter(); fn(); rates.append(2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+        return max(rates)
+    rng = np.random.default_rng(0)
+    try:
+        import torch
+        out["torch"] = max(best(lambda a=torch.from_numpy(rng.standard_normal((m, k), np.float32)),
+                                b=torch.from_numpy(rng.standard_normal((k, n), np.float32)): a @ b, m, k, n) for m, k, n in shapes)
+    except ImportError:
+        pass
+    import jax
+    import jax.numpy as jnp
+    f = jax.jit(lambda a, b: a @ b)
+    out["xla"] = max(best(lambda a=jnp.asarray(rng.standard_normal((m, k), np.float32)),
+                          b=jnp.asarray(rng.standard_normal((k, n), np.float32)): f(a, b).block_until_ready(), m, k, n)
+                     for m, k, n in shapes)
+    out["peak"] = max(out.values())
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def decoder_flops(D: int, F: int, L: int, H: int, K: int, V: int, context: int) -> dict:
+    """Matmul FLOPs of a Llama-style decoder per token: `forward` (2 x weights + attention over `context` positions,
+    the whole causal square counted, as dense kernels compute it) and `train` (forward + backward = 3 x forward)."""
+    hd = D // H
+    weights = L * (D * D + 2 * D * K * hd + D * D + 3 * D * F) + D * V  # q, k, v, o, gate/up/down, head
+    attn = L * 2 * 2 * context * D  # q.k and p.v over the context
+    fwd = 2 * weights + attn
+    return {"weights": weights, "forward": fwd, "train": 3 * fwd}

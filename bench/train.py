@@ -45,6 +45,7 @@ def _load(name):
 
 _common = _load("_common")
 median, record, save = _common.median, _common.record, _common.save
+matmul_peak, decoder_flops = _common.matmul_peak, _common.decoder_flops
 
 import numpy as np  # noqa: E402
 
@@ -229,6 +230,21 @@ def main(argv=None):
     else:
         recs.append(record("train", what + " (torch not importable: ours alone)", rate["ours"], "tokens/s", "none",
                            rate["ours"], 1.0, ">= 1.2x vs torch (not measured)", windows, **extra))
+    # the roofline: no float32 step on this machine can beat its measured matmul rate; 6 x weights FLOPs per token is
+    # a lower bound on a training step's work (attention and the elementwise rest come on top)
+    peak = matmul_peak()
+    fl = decoder_flops(cfg.D, cfg.F, cfg.L, cfg.H, cfg.K, V, a.context)
+    ceiling = peak["peak"] * 1e9 / (6 * fl["weights"])  # tokens/s at the matmul peak with no other work
+    gflops = {k: round(r * fl["train"] / 1e9, 1) for k, r in rate.items()}
+    print(f"matmul peak {peak} GFLOP/s; achieved (dense FLOPs {fl['train'] / 1e6:.1f} M/token): {gflops} GFLOP/s; "
+          f"ceiling {ceiling:.0f} tokens/s", flush=True)
+    for rec in recs: rec.update(matmul_peak_gflops=peak, achieved_gflops=gflops, flops_per_token=fl)
+    if has_torch:
+        recs.append(record("train", f"roofline: tokens/s at this machine's measured float32 matmul peak ({peak['peak']} GFLOP/s, best of torch and XLA) "
+                           f"for 6 x {fl['weights'] / 1e6:.2f}M weight FLOPs per token (attention and all else free); ratio = ceiling / torch, "
+                           f"the most any implementation could reach over torch here", ceiling, "tokens/s", f"torch {torch.__version__} LlamaForCausalLM",
+                           rate["torch"], ceiling / rate["torch"], ">= 1.2 for the 1.2x target to be reachable on this machine", 1,
+                           matmul_peak_gflops=peak, achieved_gflops=gflops, load_avg_1min=round(os.getloadavg()[0], 2)))
     print(json.dumps(recs, indent=2))
     save("train", recs)
 
