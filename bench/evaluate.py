@@ -36,6 +36,7 @@ def main():
     from synehr.evaluate import evaluate
     n, runs = (1000, 1) if a.quick else (20000, 3)
     train, ref, synth = (simulate_cohort(n, seed=s) for s in (0, 1, 2))
+    ref = ref.with_columns(pl.col("subject_id") + 10**8)  # the simulator numbers every cohort from the same id: keep the sets disjoint
     synth = synth.with_columns(pl.col("subject_id") + 10**9)
     models = tuple(a.models.split(","))
     secs, fam = [], []

@@ -24,9 +24,9 @@ from .data import BIRTH, DEATH
 # %% auto #0
 __all__ = ['LOS_EDGES_DAYS', 'LOS_CLASSES', 'TASKS', 'CHAPTERS', 'CHAPTER_STARTS', 'MODELS', 'TABLE_SCHEMA', 'UtilityError',
            'check_events', 'stay_table', 'n_labels', 'icd10_chapters', 'task_samples', 'label_matrix', 'fit_lab_edges',
-           'sample_tokens', 'FeatureSpace', 'fit_features', 'featurize', 'LSTMConfig', 'VisitBiLSTM',
-           'fit_predict_bilstm', 'fit_predict_sklearn', 'weighted_auc', 'bootstrap_weights', 'UtilityReport',
-           'utility_report', 'plot_utility']
+           'sample_tokens', 'first_tokens', 'sample_presence', 'FeatureSpace', 'fit_features', 'featurize',
+           'LSTMConfig', 'VisitBiLSTM', 'fit_predict_bilstm', 'fit_predict_sklearn', 'weighted_auc',
+           'bootstrap_weights', 'UtilityReport', 'utility_report', 'plot_utility']
 
 # %% ../nbs/10b_utility.ipynb #127805ca
 LOS_EDGES_DAYS = (1, 2, 3, 4, 5, 6, 7, 8, 14)  # class k: LOS in [edge[k-1], edge[k]) days; 10 classes
@@ -187,6 +187,39 @@ def sample_tokens(events: pl.DataFrame, # MEDS events of whole subjects
     lens[per["i"].to_numpy()] = np.maximum(per["n"].to_numpy(), 1)
     return tok, lens
 
+def _token_expr() -> pl.Expr:
+    v = pl.col("numeric_value")
+    return (pl.when(v.is_finite() & pl.col("e1").is_not_null())
+            .then(pl.col("code") + "#q" + ((v > pl.col("e1")).cast(pl.Int32) + (v > pl.col("e2")).cast(pl.Int32)).cast(pl.String))
+            .otherwise(pl.col("code")))
+
+def first_tokens(events: pl.DataFrame, # MEDS events of whole subjects
+                 lab_edges: pl.DataFrame, # from `fit_lab_edges` on the training side
+                ) -> dict:
+    "What the multi-hot at any cutoff needs, task independent: each timed token's first time per subject, static tokens, births, admissions."
+    ev = check_events(events)
+    timed = (ev.filter(pl.col("time").is_not_null(), pl.col("code") != BIRTH).join(lab_edges, on="code", how="left")
+             .group_by("subject_id", _token_expr().alias("token")).agg(t0=pl.col("time").min()))
+    return {"lab_edges": lab_edges, "timed": timed,
+            "static": ev.filter(pl.col("time").is_null()).select("subject_id", token="code"),
+            "births": ev.filter(pl.col("code") == BIRTH).group_by("subject_id").agg(birth=pl.col("time").min()),
+            "admits": ev.filter(pl.col("time").is_not_null(), pl.col("code").str.starts_with("ADMISSION/")).select("subject_id", "time")}
+
+def sample_presence(first: dict, # from `first_tokens`
+                    samples: pl.DataFrame, # from `task_samples` (subject_id, cutoff)
+                    max_visits: int = 10, # stays kept in the per-visit view
+                   ) -> tuple[pl.DataFrame, np.ndarray]:
+    "The distinct (i, token) of each sample (a token is there when its first time is at or before the cutoff) and the per-visit lengths."
+    s = samples.with_row_index("i").select(pl.col("i").cast(pl.Int64), "subject_id", "cutoff")
+    t = s.join(first["timed"], on="subject_id").filter(pl.col("t0") <= pl.col("cutoff")).select("i", "token")
+    age = (s.join(first["births"], on="subject_id").select("i", token=pl.lit("AGE/") + (
+        ((pl.col("cutoff") - pl.col("birth")).dt.total_days() / 365.25 / 10).floor().cast(pl.Int32) * 10).cast(pl.String)))
+    static = s.join(first["static"], on="subject_id").select("i", "token")
+    n = s.join(first["admits"], on="subject_id").filter(pl.col("time") <= pl.col("cutoff")).group_by("i").agg(n=pl.len())
+    lens = np.ones(samples.height, np.int32)  # the stays up to the cutoff, at most max_visits (as `sample_tokens` counts them)
+    lens[n["i"].to_numpy()] = np.clip(n["n"].to_numpy(), 1, max_visits)
+    return pl.concat([t, static, age]).unique(), lens
+
 @dataclass(frozen=True)
 class FeatureSpace:
     "Token vocabulary and lab tercile edges fitted on a training side."
@@ -200,21 +233,26 @@ def fit_features(events: pl.DataFrame, # the training side's MEDS events
                  samples: pl.DataFrame, # its samples of one task
                  max_visits: int = 10, # stays kept in the per-visit view
                  min_count: int = 1, # a token is kept when at least this many training samples have it
+                 first: dict | None = None, # `first_tokens(events, fit_lab_edges(events))`, when already computed
                 ) -> FeatureSpace:
     "Fit the vocabulary (tokens of at least `min_count` training samples) and the lab edges on the training side."
-    edges = fit_lab_edges(events)
-    tok, _ = sample_tokens(events, samples, edges, max_visits)
-    vocab = tok.group_by("token").agg(n=pl.col("i").n_unique()).filter(pl.col("n") >= min_count)["token"].sort()
-    return FeatureSpace(tuple(vocab.to_list()), edges, max_visits)
+    first = first or first_tokens(events, fit_lab_edges(events))
+    tok, _ = sample_presence(first, samples, max_visits)
+    vocab = tok.group_by("token").agg(n=pl.len()).filter(pl.col("n") >= min_count)["token"].sort()
+    return FeatureSpace(tuple(vocab.to_list()), first["lab_edges"], max_visits)
 
 def featurize(space: FeatureSpace, # fitted on the training side
               events: pl.DataFrame, # MEDS events of the samples' subjects
               samples: pl.DataFrame, # from `task_samples`
               sequences: bool = False, # also build the per-visit N x T x V tensor for the BiLSTM
               max_dense_bytes: int = 2 << 30, # refuse larger dense tensors (memory guard)
+              first: dict | None = None, # `first_tokens(events, space.lab_edges)`, when already computed (multi-hot only)
              ) -> tuple[sp.csr_matrix, np.ndarray | None, np.ndarray]:
     "Multi-hot CSR (N x V), the per-visit tensor x_NxTxV (or None) and the sequence lengths (N,)."
-    tok, lens = sample_tokens(events, samples, space.lab_edges, space.max_visits)
+    if sequences: tok, lens = sample_tokens(events, samples, space.lab_edges, space.max_visits)
+    else:  # the multi-hot alone needs each token's first time only, not every event of every sample
+        if first is not None and first["lab_edges"] is not space.lab_edges: raise UtilityError("featurize: `first` was built with other lab edges than the space's")
+        tok, lens = sample_presence(first or first_tokens(events, space.lab_edges), samples, space.max_visits)
     vocab = pl.DataFrame({"token": list(space.tokens), "j": np.arange(space.V, dtype=np.int64)}, schema={"token": pl.String, "j": pl.Int64})
     tok = tok.join(vocab, on="token")
     N, T, V = samples.height, space.max_visits, space.V
@@ -423,18 +461,25 @@ class UtilityReport:
         return "\n".join(lines)
 
 # %% ../nbs/10b_utility.ipynb #1f8cd343
-def _prepare(events, task, cfg) -> dict:
+def _prepare(events, task, cfg, name: str = "") -> dict:
     s = task_samples(events, task, cfg["window_h"], cfg["los_window_h"], cfg["readmit_days"])
-    return {"events": events, "samples": s, "Y": label_matrix(s, task)}
+    return {"name": name, "events": events, "samples": s, "Y": label_matrix(s, task)}
 
 def _counts_ok(Y: np.ndarray, min_pos: int) -> np.ndarray:
     pos = Y.sum(0)
     return (pos >= min_pos) & (len(Y) - pos >= min_pos)
 
-def _features(tr, te, cfg, seq: bool) -> dict:
+def _features(tr, te, cfg, seq: bool, firsts: dict | None = None) -> dict:
     "Features of the training side and the held-out samples, fitted on the training side."
-    space = fit_features(tr["events"], tr["samples"], cfg["max_visits"], cfg["min_count"])
-    (X_tr, x_tr, l_tr), (X_te, x_te, l_te) = (featurize(space, f["events"], f["samples"], sequences=seq) for f in (tr, te))
+    if seq or firsts is None:
+        space = fit_features(tr["events"], tr["samples"], cfg["max_visits"], cfg["min_count"])
+        (X_tr, x_tr, l_tr), (X_te, x_te, l_te) = (featurize(space, f["events"], f["samples"], sequences=seq) for f in (tr, te))
+    else:  # each frame's first token times, computed once for every task (keyed by frame and the side whose lab edges they use)
+        if (tr["name"], tr["name"]) not in firsts: firsts[(tr["name"], tr["name"])] = first_tokens(tr["events"], fit_lab_edges(tr["events"]))
+        ft = firsts[(tr["name"], tr["name"])]
+        if (te["name"], tr["name"]) not in firsts: firsts[(te["name"], tr["name"])] = first_tokens(te["events"], ft["lab_edges"])
+        space = fit_features(tr["events"], tr["samples"], cfg["max_visits"], cfg["min_count"], first=ft)
+        (X_tr, x_tr, l_tr), (X_te, x_te, l_te) = (featurize(space, f["events"], f["samples"], first=firsts[(f["name"], tr["name"])]) for f in (tr, te))
     return dict(X_tr=X_tr, x_tr=x_tr, l_tr=l_tr, X_te=X_te, x_te=x_te, l_te=l_te)
 
 def _scores(model, F, Y_tr, task, cfg, seed, setting):
@@ -465,6 +510,7 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
                    n_threads: int | None = 1, # BLAS/OpenMP threads for the scikit-learn fits (None: all)
                    lstm: LSTMConfig | None = None, # BiLSTM config (LSTMConfig() by default)
                    figures_dir: str | Path | None = None, # write utility_auroc.png and utility_ratio.png here
+                   trtr: dict | None = None, # a dict shared by calls on the same real frames and settings: TRTR is fitted once, its scores reused
                   ) -> UtilityReport:
     "Train on real (TRTR) and on synthetic (TSTR), test both on the same real held-out subjects; AUROC/AUPRC with CIs."
     frames = {n: check_events(f, n) for n, f in (("real_train", real_train), ("real_test", real_test), ("synth", synth))}
@@ -478,8 +524,15 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
                min_pos=min_pos, hgb_max_iter=hgb_max_iter, n_threads=n_threads, lstm=lstm or LSTMConfig())
     log = get_logger("synehr.utility")
     rows, metrics = [], {}
+    trtr = {} if trtr is None else trtr
+    same = {"seed": seed, "n_boot": n_boot, **cfg}
+    if trtr.setdefault("settings", same) != same: raise UtilityError(f"utility_report: the shared `trtr` dict was filled with other settings ({trtr['settings']})")
+    firsts = trtr.setdefault("firsts", {})  # the real frames' first token times; the synthetic frame's are added, then dropped at the end
     for task in tasks:
-        d = {n: _prepare(f, task, cfg) for n, f in frames.items()}
+        d = {"synth": _prepare(frames["synth"], task, cfg, "synth")}
+        for n in ("real_train", "real_test"):
+            if ("prepared", n, task) not in trtr: trtr[("prepared", n, task)] = _prepare(frames[n], task, cfg, n)
+            d[n] = trtr[("prepared", n, task)]
         te, Yte = d["real_test"], d["real_test"]["Y"]
         labels = np.flatnonzero(_counts_ok(Yte, min_pos) & _counts_ok(d["real_train"]["Y"], min_pos))
         W = bootstrap_weights(te["samples"]["subject_id"].to_numpy(), n_boot, seed, f"bootstrap/{task}")
@@ -499,8 +552,11 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
                     reason = f"no {'class' if TASKS[task][0] == 'multiclass' else 'chapter'} has {min_pos} positives and negatives in both the held-out and the real training set"
                 if reason:
                     rows.append({**base, "status": "not_evaluable", "reason": reason}); continue
-                if setting not in feats: feats[setting] = _features(tr, te, cfg, "bilstm" in models)
-                S = _scores(model, feats[setting], tr["Y"], task, cfg, seed, setting)
+                if setting == "TRTR" and ("scores", task, model) in trtr: S = trtr[("scores", task, model)]  # the same fit as before: reuse it
+                else:
+                    if setting not in feats: feats[setting] = _features(tr, te, cfg, "bilstm" in models, firsts)
+                    S = _scores(model, feats[setting], tr["Y"], task, cfg, seed, setting)
+                    if setting == "TRTR": trtr[("scores", task, model)] = S
                 if not np.isfinite(S).all(): raise FloatingPointError(f"{model} gave non-finite scores on {task} ({setting})")
                 res = [weighted_auc(Yte[:, k], S[:, k], W) for k in labels]
                 with np.errstate(all="ignore"):
@@ -519,6 +575,7 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
                     rows[-1].update({f"ratio_{m}": r[0], f"ratio_{m}_lo": r[1], f"ratio_{m}_hi": r[2]})
                     metrics[f"utility/{task}/{model}/ratio_{m}"] = r[0]
             log.info(f"utility: {task} / {model} done")
+    for k in [k for k in firsts if "synth" in k]: del firsts[k]
     ratios = [v for k, v in metrics.items() if k.endswith("/ratio_auroc")]
     if ratios: metrics["utility/mean_ratio_auroc"] = float(np.mean(ratios))
     metrics["utility/n_evaluated"] = float(sum(r["status"] == "ok" for r in rows))
