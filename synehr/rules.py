@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import re
 import time as _time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import jax
@@ -145,7 +146,10 @@ def check_events(events: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
         if n := df[c].null_count():
             sid = df.filter(pl.col(c).is_null())["subject_id"][0]
             raise AuditError(f"events: column '{c}' has {n} null value(s)" + (f" (first: subject_id={sid})" if c == "code" else ""))
-    return df.sort("subject_id", "time", nulls_last=False, maintain_order=True)
+    sid, t = df["subject_id"].to_numpy(), df["time"].to_physical().fill_null(_NULL_T).to_numpy()
+    if len(df) > 1 and not ((sid[1:] > sid[:-1]) | ((sid[1:] == sid[:-1]) & (t[1:] >= t[:-1]))).all():  # sorting is the slow part
+        df = df.sort("subject_id", "time", nulls_last=False, maintain_order=True)
+    return df
 
 def _pow2(x: int, lo: int = 1) -> int: return max(lo, 1 << max(0, int(x) - 1).bit_length())
 
@@ -168,7 +172,7 @@ def pack_events(events: pl.DataFrame | pl.LazyFrame) -> Packed:
     "Check and sort the events, index their codes and compute each event's rank, seconds and age (host side, 64-bit)."
     df = check_events(events)
     codes = df["code"].unique().sort()
-    code = (df["code"].rank("dense").cast(pl.Int32) - 1).to_numpy()
+    code = df["code"].cast(pl.Enum(codes)).to_physical().cast(pl.Int32).to_numpy()  # its rank among the codes
     sid = df["subject_id"].to_numpy()
     t = df["time"].to_physical().fill_null(_NULL_T).to_numpy()
     n = len(df)
@@ -248,6 +252,26 @@ def _prefix_matrix(codes: pl.Series, cells: list) -> np.ndarray:
             else pl.col("code").is_null().alias(str(i)) for i, c in enumerate(cells)]  # no prefix: matches no code
     return pl.DataFrame({"code": codes}).select(cols).to_numpy().astype(bool).reshape(len(codes), len(cells))
 
+_SLOTTED = {"sex": "A", "age": "A", "lab_range": "L", "visit": "AB", "visit_lab": "A"}  # groups whose events carry their few rules as slots
+
+def _width(pre: list, # per rule: the prefixes a code may start with
+           lab: list | None = None, # per rule: an exact code (or None)
+          ) -> int:
+    "The most rules of a group one code can match, from the rule table alone (so every cohort gets the same kernel shapes)."
+    lab = lab or [None] * len(pre)
+    cand = {x for ps in pre for x in ps} | {x for x in lab if x}  # a code's matches are those of its longest match
+    n = lambda c: sum(any(c.startswith(q) for q in ps) for ps in pre) + sum(x == c for x in lab)
+    return max([1, *map(n, cand)])
+
+def _slots(m_CxR: np.ndarray, K: int, base: int) -> np.ndarray:
+    "[C, K] int32: the rule columns (base + r) of each code's true entries, -1 padded."
+    out = np.full((len(m_CxR), K), -1, np.int32)
+    c, r = np.nonzero(m_CxR)
+    k = np.arange(len(c)) - np.searchsorted(c, c)  # rank within the code's row
+    if len(k) and k.max() >= K: raise AssertionError(f"a code matches {k.max() + 1} rules of a group, more than its bound {K}")
+    out[c, k] = base + r
+    return out
+
 @dataclass
 class RuleTensors:
     "A rule table ordered by group, its per-rule parameters (numpy, static under jit) and its code tables for one code list."
@@ -255,7 +279,7 @@ class RuleTensors:
     groups: dict               # group -> slice of rule columns
     params: dict               # name -> [R] numpy array
     tables: dict               # name -> [C + 1, ...] array over the code table (last row: padding)
-    derived: dict              # derived_lab: J lab codes and [R_d, 4] input indices
+    derived: dict              # derived_lab: J lab codes and [R_d, 4] input indices; the labs of the visit groups
 
 def compile_rules(rules: pl.DataFrame, # `audit_rule_table()`
                   codes: list, # the code table
@@ -281,7 +305,26 @@ def compile_rules(rules: pl.DataFrame, # `audit_rule_table()`
     ins = np.array([[J.index(row["lab_code"])] + [J.index(x) for x in prefixes(row["other_code_prefix"])] + [len(J)] * (3 - len(prefixes(row["other_code_prefix"])))
                     for row in d.iter_rows(named=True)], np.int32).reshape(-1, 4)
     tables["lab_j"] = np.array([J.index(c) if c in J else -1 for c in cs.to_list()], np.int32)
-    return RuleTensors(r, groups, params, tables, {"labs": J, "inputs": ins})
+    rows = r.to_dicts()
+    for g, sides in _SLOTTED.items():  # each code's few rules of the group, as rule columns: [C + 1, K]
+        if g not in groups: continue
+        s = groups[g]
+        rs, hl = rows[s], params["has_lab"][s]
+        for side in sides:
+            if side == "A": m, pre, lab = tables["A"][:, s], [prefixes(x["code_prefix"]) for x in rs], None
+            elif side == "L": m, pre, lab = tables["lab"][:, s], [()] * len(rs), [x["lab_code"] for x in rs]
+            else:  # B: the other codes of the rules without a lab
+                m, pre, lab = tables["B"][:, s] & ~hl, [() if h else prefixes(x["other_code_prefix"]) for h, x in zip(hl, rs)], None
+            tables[f"{side}:{g}"] = _slots(m, _width(pre, lab), s.start)
+    derived = {"labs": J, "inputs": ins}
+    for g in ("visit", "visit_lab"):  # the labs these groups test per stay: each code's index among them, each rule's
+        gl = r["lab_code"].to_list()[groups[g]] if g in groups else []
+        labs = sorted({x for x in gl if x})
+        tables["J:" + g] = np.array([labs.index(c) if c in labs else -1 for c in cs.to_list()], np.int32)
+        of = np.zeros(len(r), np.int32)
+        if g in groups: of[groups[g]] = [labs.index(x) if x else 0 for x in gl]
+        derived |= {"labs:" + g: labs, "lab_of:" + g: of}
+    return RuleTensors(r, groups, params, tables, derived)
 
 # %% ../nbs/09a_rules.ipynb #fc3efa13
 def _cmp(x, op, v):
@@ -289,15 +332,12 @@ def _cmp(x, op, v):
     return jnp.where(op == 0, x < v, jnp.where(op == 1, x <= v, jnp.where(op == 2, x > v, x >= v)))
 
 def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E, age_E, rec_E, start_E, sex_E):
-    "checked_ExR (units checked, counted at each record's first row) and viol_ExR (the anchor event of each violating unit)."
-    E = code_E.shape[0]
+    "checked_R (units checked per rule) and vio_ExK (the rule column of each violating unit an event anchors; -1 for none)."
+    E, R = code_E.shape[0], len(rt.rules)
     P, G = rt.params, rt.groups
     pos_E = jnp.arange(E)
     timed_E = valid_E & (gid_E >= 0)
     tg_E = jnp.where(timed_E, gid_E, E)  # time group as a segment id (null times: a dummy segment)
-    A = tab["A"][code_E] & valid_E[:, None]
-    B = tab["B"][code_E] & valid_E[:, None]
-    lab = tab["lab"][code_E] & valid_E[:, None]
     x_E = val_E[:, None]
     seg_min, seg_max, seg_sum = jax.ops.segment_min, jax.ops.segment_max, jax.ops.segment_sum
     per_rec = lambda f, m: f(m, rec_E, E)[rec_E]  # a per-record reduction, read back at each event
@@ -321,108 +361,149 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
     dc_E = jnp.clip(dis0 + kl_E, 0, E)
     inv_E = timed_E & (kl_E >= 0) & (kl_E < n_dis) & (adm_g[kc_E] <= gid_E) & (gid_E <= dis_g[dc_E])
     stay_E = jnp.where(inv_E, k_E, E)
-    per_stay = lambda f, m: f(m, stay_E, E + 1)[kc_E]  # a per-stay reduction, read back at each event's stay
-    checked, viol = [], []
-    def out(c_ExR, v_ExR): checked.append(c_ExR.astype(jnp.int32)); viol.append(v_ExR)
+    checked, vio = jnp.zeros(R + 1, jnp.int32), []  # checked[R]: where the empty slots count
     at_start = (pos_E == start_E)[:, None]
     def once_per_rec(c_ExR): return jnp.where(at_start, c_ExR, 0)  # a per-record count, placed at its first row
+    def dense(s, c_ExW, v_ExW):  # a group tested on all its rule columns
+        nonlocal checked
+        checked = checked.at[s.start:s.stop].add(c_ExW.astype(jnp.int32).sum(0))
+        vio.append(jnp.where(v_ExW, jnp.arange(s.start, s.stop, dtype=jnp.int32), -1))
+    def slotted(r_ExK, c_ExK, v_ExK):  # a group tested on each event's own few rules (their columns r_ExK)
+        nonlocal checked
+        checked = checked.at[jnp.where(c_ExK, r_ExK, R)].add(1)
+        vio.append(jnp.where(v_ExK, r_ExK, -1))
+    def slots(name):
+        r = tab[name][code_E]
+        return r, (r >= 0) & valid_E[:, None]
+    par = lambda x, r_ExK: jnp.asarray(x)[jnp.maximum(r_ExK, 0)]  # a rule parameter at each slot
+    def first_in_stay(s, r_ExK, m_ExK):
+        "The first slot of each (stay, rule) among m_ExK: a scatter-min of positions into [E + 1, rules of the group]."
+        w = s.stop - s.start
+        col = jnp.clip(r_ExK - s.start, 0, w - 1)
+        p = jnp.full((E + 1, w), _BIG, jnp.int32).at[jnp.where(m_ExK, stay_E[:, None], E), col].min(jnp.broadcast_to(pos_E[:, None], m_ExK.shape))
+        return m_ExK & (p[stay_E[:, None], col] == pos_E[:, None])
+    def stay_labs(g, r_ExK):
+        "Per (stay, lab of the group's rules): count, highest and lowest value, read at slots r_ExK (one scatter slot per lab event)."
+        J = max(len(rt.derived["labs:" + g]), 1)
+        j_E = tab["J:" + g][code_E]
+        m_E = (j_E >= 0) & inv_E
+        at = jnp.where(m_E, stay_E * J + j_E, E * J)
+        fin = m_E & ~jnp.isnan(val_E)
+        i = stay_E[:, None] * J + par(rt.derived["lab_of:" + g], r_ExK)
+        return (jnp.zeros((E + 1) * J, jnp.int32).at[at].add(1)[i], jnp.full((E + 1) * J, -jnp.inf).at[at].max(jnp.where(fin, val_E, -jnp.inf))[i],
+                jnp.full((E + 1) * J, jnp.inf).at[at].min(jnp.where(fin, val_E, jnp.inf))[i])
+    def passes(r_ExK, top, low):
+        "Some value of the stay passes rule r's test: for <, <= the lowest does, for >, >= the highest."
+        op, v = par(P["op"], r_ExK), par(P["value"], r_ExK)
+        return _cmp(jnp.where(op <= 1, low, top), op, v)
     for g, s in G.items():
-        a, b, lb = A[:, s], B[:, s], lab[:, s]
         op, val, hi = P["op"][s], P["value"][s], P["value_hi"][s]
         if g == "sex":
-            out(a, a & (sex_E[:, None] != P["sex"][s]))
+            r, m = slots("A:sex")
+            slotted(r, m, m & (sex_E[:, None] != par(P["sex"], r)))
         elif g == "age":
-            c = a & timed_E[:, None]
+            r, m = slots("A:age")
+            c = m & timed_E[:, None]
             ag = age_E[:, None]
-            out(c, c & ~((ag >= 0) & (ag >= P["min_age"][s]) & (ag <= P["max_age"][s])))
+            slotted(r, c, c & ~((ag >= 0) & (ag >= par(P["min_age"], r)) & (ag <= par(P["max_age"], r))))
         elif g == "lab_range":
-            out(lb, lb & ~((x_E >= val) & (x_E <= hi)))
+            r, m = slots("L:lab_range")
+            slotted(r, m, m & ~((x_E >= par(P["value"], r)) & (x_E <= par(P["value_hi"], r))))
         elif g == "visit":
-            first = first_per(a & inv_E[:, None], stay_E, E + 1)
-            cond = jnp.where(P["has_lab"][s], lb & _cmp(x_E, op, val), b) & inv_E[:, None]
-            hit = per_stay(seg_max, cond.astype(jnp.int8)) > 0
-            out(first, first & jnp.where(P["kind"][s] == "implies_code", ~hit, hit))
+            ra, ma = slots("A:visit")
+            first = first_in_stay(s, ra, ma & inv_E[:, None])
+            rb, mb = slots("B:visit")  # the rules without a lab: one of their other codes in the stay
+            w = s.stop - s.start
+            hb = jnp.zeros((E + 1, w), jnp.int8).at[jnp.where(mb & inv_E[:, None], stay_E[:, None], E), jnp.clip(rb - s.start, 0, w - 1)].max(jnp.int8(1))
+            _, top, low = stay_labs(g, ra)  # the rules with a lab: a value of it in the stay passes the test
+            hit = jnp.where(par(P["has_lab"], ra), passes(ra, top, low), hb[stay_E[:, None], jnp.clip(ra - s.start, 0, w - 1)] > 0)
+            slotted(ra, first, first & jnp.where(par(P["kind"] == "implies_code", ra), ~hit, hit))
         elif g == "visit_lab":
-            sex_ok = (P["sex"][s] == 0) | (P["sex"][s] == sex_E[:, None])
-            first = first_per(a & inv_E[:, None] & sex_ok, stay_E, E + 1)
-            m = lb & inv_E[:, None]
-            n = per_stay(seg_sum, m.astype(jnp.int32))
-            fin = m & ~jnp.isnan(x_E)
-            hit_any = per_stay(seg_max, (m & _cmp(x_E, op, val)).astype(jnp.int8)) > 0
-            d = per_stay(seg_max, jnp.where(fin, x_E, -jnp.inf)) - per_stay(seg_min, jnp.where(fin, x_E, jnp.inf))
-            rise = jnp.round(d * 1e4) >= np.round(val * 1e4)  # at 4 decimals, as the reference rounds (exact in units of 1e-4)
-            unit = first & (n >= jnp.where(op == 5, 2, 1))
-            out(unit, unit & ~jnp.where(op == 5, rise, hit_any))
-        elif g == "derived":
-            J = len(rt.derived["labs"])
-            j_E = tab["lab_j"][code_E]
-            key = jnp.where(timed_E & (j_E >= 0), tg_E * J + j_E, E * J)
-            fp = seg_min(pos_E, key, E * J + 1)[:E * J].reshape(E, J)  # first row of lab j in each time group
-            draw = jnp.where(fp < E, val_E[jnp.clip(fp, 0, E - 1)], jnp.nan)
-            tgc = jnp.clip(tg_E, 0, E - 1)
-            draw = jnp.concatenate([draw, jnp.full((E, 1), jnp.nan)], 1)[tgc]  # [E, J + 1] at each event's time
-            ins = rt.derived["inputs"]
-            y, i1, i2, i3 = (draw[:, ins[:, q]] for q in range(4))
-            anchor = lb & timed_E[:, None] & (fp[tgc][:, ins[:, 0]] == pos_E[:, None])
-            age = jnp.where(age_E >= 0, age_E, jnp.nan).astype(jnp.float32)[:, None]
-            mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(sex_E[:, None] == 1, 0.742, 1.0)
-            frm = P["formula"][s]
-            f = jnp.where(frm == 0, mdrd, jnp.where(frm == 1, i1 - i2 - i3, jnp.where(i3 < 400, i1 - i2 - i3 / 5, jnp.nan)))
-            need = jnp.where(frm == 0, ~jnp.isnan(i1), jnp.where(frm == 1, ~(jnp.isnan(i1) | jnp.isnan(i2) | jnp.isnan(i3)), True))
-            c = anchor & ~jnp.isnan(y) & need
-            out(c, c & ~(jnp.abs(y - f) <= val))
-        elif g == "last":
-            at = a & timed_E[:, None]
-            d = per_rec(seg_min, jnp.where(at, gid_E[:, None], _BIG))
-            out(once_per_rec(per_rec(seg_max, at.astype(jnp.int8))), first_per(timed_E[:, None] & (gid_E[:, None] > d), rec_E, E))
-        elif g == "same_time":
-            has = seg_max((b & timed_E[:, None]).astype(jnp.int8), tg_E, E + 1)[tg_E] > 0
-            out(a, a & ~(timed_E[:, None] & has))
-        elif g == "stay":  # each admission, and each discharge beyond the record's admissions, is a stay
-            kd = dis_i - dis0  # a discharge's rank within the record
-            has_dis = is_adm & (adm_i - adm0 < n_dis)
-            dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, E)]
-            nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, E)], _BIG)
-            ok = has_dis & timed_E & (dg > gid_E) & (dg <= nxt)
-            unit = is_adm | (is_dis & (kd >= n_adm))
-            bad = unit & ~ok
-            w = s.stop - s.start
-            out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
-        elif g == "overlap":  # each admission after the record's first
-            prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, E)]
-            unit = is_adm & (adm_i - adm0 >= 1)
-            bad = unit & ~((adm_i - adm0 - 1 < n_dis) & timed_E & (gid_E >= prev_dg))
-            w = s.stop - s.start
-            out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
-        elif g == "within_visit":
-            out(a, a & ~inv_E[:, None])
-        elif g == "once":
-            c = jnp.cumsum(a, 0)
-            n = c - (c - a)[start_E]
-            out(once_per_rec(per_rec(seg_max, a.astype(jnp.int8))), a & (n == 2))
-        elif g == "none_after":
-            ai = a & inv_E[:, None]
-            v0 = per_rec(seg_min, jnp.where(ai, k_E[:, None], _BIG))
-            g0 = per_rec(seg_min, jnp.where(ai, gid_E[:, None], _BIG))
-            later = b & jnp.where(inv_E[:, None], k_E[:, None] > v0, timed_E[:, None] & (gid_E[:, None] > g0)) & (v0 < _BIG)
-            out(once_per_rec(v0 < _BIG), first_per(later, rec_E, E))
-        elif g == "min_gap":
-            at = a & timed_E[:, None]
-            fr = first_per(at, jnp.where(timed_E, tg_E, E), E + 1)  # first flagged event of each time group
-            prev = jax.lax.cummax(jnp.where(fr, pos_E[:, None], -1), axis=0)
-            prev = jnp.concatenate([jnp.full((1, prev.shape[1]), -1, prev.dtype), prev[:-1]], 0)  # the previous one, any record
-            unit = fr & (prev >= start_E[:, None])
-            gap = sec_E[:, None] - sec_E[jnp.clip(prev, 0, E - 1)]
-            out(unit, unit & (gap < val * 86400))
-    return jnp.concatenate(checked, 1), jnp.concatenate(viol, 1) & valid_E[:, None]
+            ra, ma = slots("A:visit_lab")
+            sx = par(P["sex"], ra)
+            first = first_in_stay(s, ra, ma & inv_E[:, None] & ((sx == 0) | (sx == sex_E[:, None])))
+            n, top, low = stay_labs(g, ra)
+            rise = jnp.round((top - low) * 1e4) >= par(np.round(P["value"] * 1e4), ra)  # at 4 decimals, as the reference rounds (exact in units of 1e-4)
+            op5 = par(P["op"], ra) == 5
+            unit = first & (n >= jnp.where(op5, 2, 1)) & par(P["has_lab"], ra)
+            slotted(ra, unit, unit & ~jnp.where(op5, rise, passes(ra, top, low)))
+        else:
+            a, b, lb = (tab[k][:, s][code_E] & valid_E[:, None] for k in ("A", "B", "lab"))
+            out = partial(dense, s)
+            if g == "derived":
+                J = len(rt.derived["labs"])
+                j_E = tab["lab_j"][code_E]
+                key = jnp.where(timed_E & (j_E >= 0), tg_E * J + j_E, E * J)
+                fp = seg_min(pos_E, key, E * J + 1)[:E * J].reshape(E, J)  # first row of lab j in each time group
+                draw = jnp.where(fp < E, val_E[jnp.clip(fp, 0, E - 1)], jnp.nan)
+                tgc = jnp.clip(tg_E, 0, E - 1)
+                draw = jnp.concatenate([draw, jnp.full((E, 1), jnp.nan)], 1)[tgc]  # [E, J + 1] at each event's time
+                ins = rt.derived["inputs"]
+                y, i1, i2, i3 = (draw[:, ins[:, q]] for q in range(4))
+                anchor = lb & timed_E[:, None] & (fp[tgc][:, ins[:, 0]] == pos_E[:, None])
+                age = jnp.where(age_E >= 0, age_E, jnp.nan).astype(jnp.float32)[:, None]
+                mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(sex_E[:, None] == 1, 0.742, 1.0)
+                frm = P["formula"][s]
+                f = jnp.where(frm == 0, mdrd, jnp.where(frm == 1, i1 - i2 - i3, jnp.where(i3 < 400, i1 - i2 - i3 / 5, jnp.nan)))
+                need = jnp.where(frm == 0, ~jnp.isnan(i1), jnp.where(frm == 1, ~(jnp.isnan(i1) | jnp.isnan(i2) | jnp.isnan(i3)), True))
+                c = anchor & ~jnp.isnan(y) & need
+                out(c, c & ~(jnp.abs(y - f) <= val))
+            elif g == "last":
+                at = a & timed_E[:, None]
+                d = per_rec(seg_min, jnp.where(at, gid_E[:, None], _BIG))
+                out(once_per_rec(per_rec(seg_max, at.astype(jnp.int8))), first_per(timed_E[:, None] & (gid_E[:, None] > d), rec_E, E))
+            elif g == "same_time":
+                has = seg_max((b & timed_E[:, None]).astype(jnp.int8), tg_E, E + 1)[tg_E] > 0
+                out(a, a & ~(timed_E[:, None] & has))
+            elif g == "stay":  # each admission, and each discharge beyond the record's admissions, is a stay
+                kd = dis_i - dis0  # a discharge's rank within the record
+                has_dis = is_adm & (adm_i - adm0 < n_dis)
+                dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, E)]
+                nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, E)], _BIG)
+                ok = has_dis & timed_E & (dg > gid_E) & (dg <= nxt)
+                unit = is_adm | (is_dis & (kd >= n_adm))
+                bad = unit & ~ok
+                w = s.stop - s.start
+                out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+            elif g == "overlap":  # each admission after the record's first
+                prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, E)]
+                unit = is_adm & (adm_i - adm0 >= 1)
+                bad = unit & ~((adm_i - adm0 - 1 < n_dis) & timed_E & (gid_E >= prev_dg))
+                w = s.stop - s.start
+                out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+            elif g == "within_visit":
+                out(a, a & ~inv_E[:, None])
+            elif g == "once":
+                f1 = first_per(a, rec_E, E)
+                out(once_per_rec(per_rec(seg_max, a.astype(jnp.int8))), first_per(a & ~f1, rec_E, E))  # the record's second
+            elif g == "none_after":
+                ai = a & inv_E[:, None]
+                v0 = per_rec(seg_min, jnp.where(ai, k_E[:, None], _BIG))
+                g0 = per_rec(seg_min, jnp.where(ai, gid_E[:, None], _BIG))
+                later = b & jnp.where(inv_E[:, None], k_E[:, None] > v0, timed_E[:, None] & (gid_E[:, None] > g0)) & (v0 < _BIG)
+                out(once_per_rec(v0 < _BIG), first_per(later, rec_E, E))
+            elif g == "min_gap":
+                at = a & timed_E[:, None]
+                fr = first_per(at, jnp.where(timed_E, tg_E, E), E + 1)  # first flagged event of each time group
+                prev = jax.lax.cummax(jnp.where(fr, pos_E[:, None], -1), axis=0)
+                prev = jnp.concatenate([jnp.full((1, prev.shape[1]), -1, prev.dtype), prev[:-1]], 0)  # the previous one, any record
+                unit = fr & (prev >= start_E[:, None])
+                gap = sec_E[:, None] - sec_E[jnp.clip(prev, 0, E - 1)]
+                out(unit, unit & (gap < val * 86400))
+    vio_ExK = jnp.concatenate(vio, 1)
+    return checked[:R], jnp.where(valid_E[:, None], vio_ExK, -1)
 
 def _kernel(rt: RuleTensors):
-    "The jitted chunk auditor of a rule set: flat [E] arrays -> per-record checked counts [E, R] and anchors [E, R]."
+    "The jitted chunk auditor of a rule set: flat [E] arrays -> units checked per rule [R], violated rule columns [E, K], [E] any."
     def f(tab, *a):
         c, v = _audit_flat(rt, tab, *a)
-        rec = a[6]
-        return jax.ops.segment_sum(c, rec, a[0].shape[0]), v
+        return c, v, (v >= 0).any(1)
     return jax.jit(f)
+
+def _pad_tables(rt: RuleTensors, C: int) -> dict:
+    "The code tables padded to C rows (a power of two, so one compiled kernel serves cohorts with as many codes)."
+    fill = lambda v: -1 if v.dtype.kind == "i" else False
+    return {k: jnp.asarray(np.pad(v, [(0, C - len(v))] + [(0, 0)] * (v.ndim - 1), constant_values=fill(v))) for k, v in rt.tables.items()}
 
 _KERNELS: dict = {}
 
@@ -489,7 +570,7 @@ def _grammar(df: pl.DataFrame, vocab) -> pl.DataFrame:
     from synehr.cohort import fit_lab_stats
     ev = df.with_columns(pl.lit(None, pl.String).alias("text_value"))
     if vocab is None: vocab = fit_vocab(ev, fit_lab_stats(ev))
-    enc = encode(ev, vocab)
+    enc = encode(ev.with_columns(pl.col("code").cast(pl.Categorical)), vocab)  # categorical codes: each distinct code looked up once
     bad = enc.filter(pl.col("problem").is_not_null()).select("subject_id", detail=pl.col("problem"))
     seq = check_sequences(enc.filter(pl.col("token_ids").is_not_null()).select("subject_id", "token_ids"), vocab)
     return pl.concat([bad, seq.select("subject_id", detail="grammar: " + pl.col("reason"))]).unique("subject_id", keep="first")
@@ -504,20 +585,25 @@ def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subj
     "Audit every record against every rule: scores (judge contract), violations with their events, per-record counts, totals."
     t0 = _time.perf_counter()
     p = pack_events(events)
+    pool = ThreadPoolExecutor(1) if grammar else None  # the grammar check (numpy, polars) runs while the kernel does
+    gram = pool.submit(_grammar, p.events, vocab) if grammar else None
     table = audit_rule_table(rules, icd10cm)
     rt = compile_rules(table, p.codes)
     C = _pow2(len(p.codes) + 1, 256)
-    tab = {k: jnp.asarray(np.pad(v, [(0, C - len(v))] + [(0, 0)] * (v.ndim - 1), constant_values=-1 if k == "lab_j" else False))
-           for k, v in rt.tables.items()}
+    tab = _pad_tables(rt, C)
     kern = _cached_kernel(rt)
     S, R = len(p.subjects), len(rt.rules)
-    checked = np.zeros((S, R), np.int64)
+    n_checked = np.zeros(R, np.int64)
     found = []  # (event rows, rule columns)
     for i, j, E in chunks(p, chunk_events):
-        c, v = kern(tab, *chunk_arrays(p, i, j, E))
-        checked[i:j] = np.asarray(c)[:j - i]
-        e, r = np.nonzero(np.asarray(v))
-        found.append((e + p.offsets[i], r))
+        c, v, hit = kern(tab, *chunk_arrays(p, i, j, E))
+        n_checked += np.asarray(c)
+        e = np.flatnonzero(np.asarray(hit))
+        v = np.asarray(v)[e]
+        k, q = np.nonzero(v >= 0)
+        e, r = e[k], v[k, q]
+        o = np.lexsort((r, e))  # event order, then rule order
+        found.append((e[o] + p.offsets[i], r[o]))
     rows = np.concatenate([e for e, _ in found]) if found else np.zeros(0, int)
     cols = np.concatenate([r for _, r in found]) if found else np.zeros(0, int)
     info = rt.rules.with_columns(pl.Series("detail", [_detail(r) for r in rt.rules.iter_rows(named=True)]))
@@ -531,9 +617,9 @@ def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subj
                           .when(pl.col("group") == "age").then(pl.format("{}; age at the event: {}", "detail", pl.col("_age").cast(pl.String)))
                           .otherwise("detail").alias("detail")))
     viol = viol.select(list(VIOLATIONS_SCHEMA)).cast(VIOLATIONS_SCHEMA)
-    n_checked = checked.sum(0)
     if grammar:
-        gv = _grammar(p.events, vocab)
+        gv = gram.result()
+        pool.shutdown()
         viol = pl.concat([viol, gv.select("subject_id", rule_id=pl.lit("GRAMMAR"), kind=pl.lit("grammar"), severity=pl.lit("error"),
                                           scope=pl.lit("subject"), time=pl.lit(None, pl.Datetime("us")), code=pl.lit(None, pl.String),
                                           numeric_value=pl.lit(None, pl.Float32), detail="detail")])
