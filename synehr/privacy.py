@@ -114,7 +114,10 @@ class Records:
     def record_level(self) -> Records:
         "Each record as one visit: the multi-hot of all its codes (the record-level variant)."
         r = np.repeat(np.arange(len(self)), self.size)
-        key = np.unique(r.astype(np.int64) * self.C + self.col)
+        key = r.astype(np.int64) * self.C + self.col
+        if len(self) * self.C <= 2 ** 28:  # a presence mask: one pass, no sort
+            m = np.zeros(len(self) * self.C, bool); m[key] = True; key = np.flatnonzero(m)
+        else: key = np.unique(key)
         rr, cc = key // self.C, (key % self.C).astype(np.int32)
         return Records(self.subject_id, np.ones(len(self), np.int32),
                        np.searchsorted(rr, np.arange(len(self) + 1)).astype(np.int64), np.zeros(len(cc), np.int32), cc, self.codes)
@@ -176,6 +179,14 @@ def _min_step(xa_AxF, xb_BxF, sa_A, sb_B, ia_A, ib_B, best_a_A, arg_a_A, best_b_
     up_a, up_b = ma < best_a_A, mb < best_b_B
     return (jnp.where(up_a, ma, best_a_A), jnp.where(up_a, ja, arg_a_A), jnp.where(up_b, mb, best_b_B), jnp.where(up_b, jb, arg_b_B))
 
+@jax.jit
+def _dmin_step(xa_AxF, xb_BxF, sa_A, sb_B, ia_A, ib_B, best_a_A, best_b_B, exclude_self):
+    "`_min_step` without the positions: the distances alone (the argmins cost more than the product on short records)."
+    d_AxB = sa_A[:, None] + sb_B[None, :] - 2 * jnp.dot(xa_AxF, xb_BxF.T, preferred_element_type=jnp.float32)
+    bad_AxB = (ia_A[:, None] < 0) | (ib_B[None, :] < 0) | (exclude_self & (ia_A[:, None] == ib_B[None, :]))
+    d_AxB = jnp.where(bad_AxB, jnp.inf, d_AxB)
+    return jnp.minimum(best_a_A, d_AxB.min(1)), jnp.minimum(best_b_B, d_AxB.min(0))
+
 class _Blocks:
     "A record set cut into blocks of `block` records sorted by visit count; each densified up to its own visit bucket, prefixes cached on device."
     def __init__(self, recs: Records, block: int, cap: int, dtype):
@@ -198,6 +209,7 @@ def nearest_distances(a: Records, # the query records
                       b: Records | None = None, # the reference records; None: within `a`, each record's nearest *other* record
                       block: int = 1024, # records per block (memory: block^2 distances plus two blocks of multi-hots)
                       visit_cap: int = 64, # visits compared (aligned); later ones still count in |a| + |b| but never match
+                      index: bool = True, # also find where the nearest record is (False: distances only, i_ab = i_ba = -1; faster)
                      ) -> Nearest:
     "Nearest visit-aligned Hamming distances between `a` and `b` (both ways), by blocked matmuls in JAX."
     if not isinstance(a, Records) or (b is not None and not isinstance(b, Records)): raise PrivacyInputError("nearest_distances takes Records (see encode_records)")
@@ -215,7 +227,10 @@ def nearest_distances(a: Records, # the query records
         for j in range(i if same else 0, len(B.blocks)):  # within one set, pair (i, j) also serves (j, i) through its column minima
             Vb, _, sb, ib = B.blocks[j]
             V = min(Va, Vb)  # beyond the shorter bucket one side's visits are empty: nothing to overlap
-            ba, ja, bb, jb = _min_step(A.x(i, V), B.x(j, V), sa, sb, ia, ib, *rows[i], *cols[j], jnp.asarray(same))
+            if index:
+                ba, ja, bb, jb = _min_step(A.x(i, V), B.x(j, V), sa, sb, ia, ib, *rows[i], *cols[j], jnp.asarray(same))
+            else:
+                (ba, bb), ja, jb = _dmin_step(A.x(i, V), B.x(j, V), sa, sb, ia, ib, rows[i][0], cols[j][0], jnp.asarray(same)), rows[i][1], cols[j][1]
             rows[i], cols[j] = (ba, ja), (bb, jb)
     if same:  # a record's nearest other record: the better of its row (blocks j >= i) and column (blocks j <= i) minima
         rows = [(jnp.where(c[0] < r[0], c[0], r[0]), jnp.where(c[0] < r[0], c[1], r[1])) for r, c in zip(rows, cols)]
@@ -373,7 +388,7 @@ def nnaar(train: Records, # real records the generator saw (members)
     cache = cache or {}
     ts = cache.get(("train", "synth")) or nearest_distances(train, synth, block, visit_cap)
     es = cache.get(("test", "synth")) or nearest_distances(test, synth, block, visit_cap)
-    tt, ee, ss = (nearest_distances(r, None, block, visit_cap).d_ab for r in (train, test, synth))
+    tt, ee, ss = (nearest_distances(r, None, block, visit_cap, index=False).d_ab for r in (train, test, synth))
     aa_train, aa_test = adversarial_accuracy(ts.d_ab, tt, ts.d_ba, ss), adversarial_accuracy(es.d_ab, ee, es.d_ba, ss)
     return {"aa_train": aa_train, "aa_test": aa_test, "nnaar": aa_test - aa_train}
 
@@ -450,11 +465,12 @@ def privacy_report(members, # real training records (MEDS events of whole subjec
     perm_m = rng.permutation(len(M))  # MIA and NNAAR members: a random n of the training reference
     Mn = M.take(np.sort(perm_m[:n]))
     if n < 2000: _log.info(f"privacy: {n} members and {n} non-members in the attack (the issue asks for >= 2,000 where data allows)")
-    nd = partial(nearest_distances, block=block, visit_cap=visit_cap)
+    nd = partial(nearest_distances, block=block, visit_cap=visit_cap, index=False)  # every attack below reads distances only
     MS, NS, NM = nd(M, S), nd(N, S), nd(N, M)
     d_mem = MS.d_ab[np.sort(perm_m[:n])]
     mia = membership_inference(d_mem, NS.d_ab, seed, n_boot).with_columns(representation=pl.lit("visit-aligned"))
-    mr = membership_inference(nd(Mn.record_level(), S.record_level()).d_ab, nd(N.record_level(), S.record_level()).d_ab, seed, n_boot)
+    S_rec = S.record_level()
+    mr = membership_inference(nd(Mn.record_level(), S_rec).d_ab, nd(N.record_level(), S_rec).d_ab, seed, n_boot)
     mia = pl.concat([mia, mr.with_columns(representation=pl.lit("record multi-hot"))])
     # NNAAR on equally large sets (Yale et al.): n_aa of each
     n_aa = min(n, len(S))
