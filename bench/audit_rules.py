@@ -7,7 +7,9 @@ copy gets new subject ids and all its times shifted by a random whole number of 
 record, so every rule still holds). One warm-up call compiles the kernel (its seconds are recorded apart); then
 auditor and reference alternate, median of 3 runs (1 with --quick; --ref-runs 1 runs
 the slow reference once, in the same process on the same input). The run also checks that the auditor's per-rule
-units and violations equal the reference's on the whole input (chunking must not change a count). Writes
+units and violations equal the reference's on the whole input (chunking must not change a count). The grammar
+check gets the run's vocabulary, as the pipeline's audit stage passes it (fitted untimed on the base cohort;
+--fit-vocab times audit_rules fitting one on the audited events instead). Writes
 bench/results/audit_rules.json and appends rows to bench/README.md.
 """
 import sys
@@ -51,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=None, help="runs of each side (default 3; 1 with --quick)")
     ap.add_argument("--ref-runs", type=int, default=None, help="runs of check_rules (default: --runs; it takes minutes at 100k)")
     ap.add_argument("--no-save", action="store_true", help="print, do not write results")
+    ap.add_argument("--fit-vocab", action="store_true", help="let audit_rules fit a vocabulary on the audited events (timed) instead of "
+                    "passing the run's vocabulary as the pipeline does")
     a = ap.parse_args(argv)
     import polars as pl
     from synehr.demo import check_rules
@@ -61,13 +65,20 @@ def main(argv=None):
     t0 = time.perf_counter()
     ev = replicate(n)
     print(f"input: {n:,} records, {len(ev):,} events ({time.perf_counter() - t0:.1f} s, untimed)", flush=True)
+    vocab = None
+    if not a.fit_vocab:  # the run's vocabulary (the pipeline passes the one fitted on the train split): from the base cohort, untimed
+        from synehr.cohort import fit_lab_stats
+        from synehr.demo import simulate_cohort
+        from synehr.tokenizer import fit_vocab
+        base = simulate_cohort(2000, seed=0).with_columns(pl.lit(None, pl.String).alias("text_value"))
+        vocab = fit_vocab(base, fit_lab_stats(base))
     t0 = time.perf_counter()
-    audit_rules(ev.head(5000))  # compiles the kernel (the same shapes as every later chunk)
+    audit_rules(ev.head(5000), vocab=vocab)  # compiles the kernel (the same shapes as every later chunk)
     compile_s = time.perf_counter() - t0
     ours, ref, audit, totals = [], [], None, None
     for i in range(n_runs):
         l0 = os.getloadavg()[0]
-        t0 = time.perf_counter(); audit = audit_rules(ev); ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); audit = audit_rules(ev, vocab=vocab); ours.append(time.perf_counter() - t0)
         if i < ref_runs: t0 = time.perf_counter(); totals = check_rules(ev); ref.append(time.perf_counter() - t0)
         print(f"run {i}: auditor {ours[-1]:.2f} s" + (f", check_rules {ref[-1]:.2f} s" if i < ref_runs else "") + f" (load {l0:.1f})", flush=True)
     cmp = totals.select("rule_id", "n_checked", ref_v=pl.col("n_checked") - pl.col("n_ok")).join(
@@ -79,7 +90,8 @@ def main(argv=None):
     extra = dict(records=n, events=len(ev), compile_s=round(compile_s, 2), runs_s=[round(x, 2) for x in ours],
                  reference_runs_s=[round(x, 2) for x in ref], agrees_with_reference=agree,
                  violations=len(audit.violations), load_avg_1min=os.getloadavg()[0])
-    recs = [record("audit_rules", f"records/s of audit_rules (98 rules + GRAMMAR, per-record scores and violations), {n:,} records / {len(ev):,} events{tag}; "
+    recs = [record("audit_rules", f"records/s of audit_rules (98 rules + GRAMMAR, per-record scores and violations), {n:,} records / {len(ev):,} events{tag}"
+                   f"{', vocabulary fitted inside (timed)' if a.fit_vocab else ', the run vocabulary given'}; "
                    f"per-rule counts equal check_rules: {agree}",
                    n / ours_s, "records/s", "synehr.demo.check_rules (polars, per-rule counts only)", n / ref_s, ref_s / ours_s,
                    TARGET, n_runs, reference_n_runs=ref_runs, **extra)]
