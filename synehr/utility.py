@@ -208,17 +208,23 @@ def first_tokens(events: pl.DataFrame, # MEDS events of whole subjects
 def sample_presence(first: dict, # from `first_tokens`
                     samples: pl.DataFrame, # from `task_samples` (subject_id, cutoff)
                     max_visits: int = 10, # stays kept in the per-visit view
+                    vocab: pl.DataFrame | None = None, # (token, j): map tokens to columns first, return distinct (i, j)
                    ) -> tuple[pl.DataFrame, np.ndarray]:
-    "The distinct (i, token) of each sample (a token is there when its first time is at or before the cutoff) and the per-visit lengths."
+    "Each sample's (i, token) (a token is there when its first time is at or before the cutoff; a pair may repeat) and the per-visit lengths."
     s = samples.with_row_index("i").select(pl.col("i").cast(pl.Int64), "subject_id", "cutoff")
-    t = s.join(first["timed"], on="subject_id").filter(pl.col("t0") <= pl.col("cutoff")).select("i", "token")
+    timed, static = first["timed"], first["static"]
+    if vocab is not None:  # integers, not strings, through the per-sample join
+        timed, static = (f.join(vocab, on="token").drop("token").rename({"j": "token"}) for f in (timed, static))
+    t = s.join(timed, on="subject_id").filter(pl.col("t0") <= pl.col("cutoff")).select("i", "token")
     age = (s.join(first["births"], on="subject_id").select("i", token=pl.lit("AGE/") + (
         ((pl.col("cutoff") - pl.col("birth")).dt.total_days() / 365.25 / 10).floor().cast(pl.Int32) * 10).cast(pl.String)))
-    static = s.join(first["static"], on="subject_id").select("i", "token")
+    if vocab is not None: age = age.join(vocab, on="token").select("i", token="j")
+    static = s.join(static, on="subject_id").select("i", "token")
     n = s.join(first["admits"], on="subject_id").filter(pl.col("time") <= pl.col("cutoff")).group_by("i").agg(n=pl.len())
     lens = np.ones(samples.height, np.int32)  # the stays up to the cutoff, at most max_visits (as `sample_tokens` counts them)
     lens[n["i"].to_numpy()] = np.clip(n["n"].to_numpy(), 1, max_visits)
-    return pl.concat([t, static, age]).unique(), lens
+    tok = pl.concat([t, static, age])
+    return (tok.unique().rename({"token": "j"}) if vocab is not None else tok), lens
 
 @dataclass(frozen=True)
 class FeatureSpace:
@@ -238,7 +244,7 @@ def fit_features(events: pl.DataFrame, # the training side's MEDS events
     "Fit the vocabulary (tokens of at least `min_count` training samples) and the lab edges on the training side."
     first = first or first_tokens(events, fit_lab_edges(events))
     tok, _ = sample_presence(first, samples, max_visits)
-    vocab = tok.group_by("token").agg(n=pl.len()).filter(pl.col("n") >= min_count)["token"].sort()
+    vocab = tok.group_by("token").agg(n=pl.col("i").n_unique()).filter(pl.col("n") >= min_count)["token"].sort()
     return FeatureSpace(tuple(vocab.to_list()), first["lab_edges"], max_visits)
 
 def featurize(space: FeatureSpace, # fitted on the training side
@@ -249,14 +255,15 @@ def featurize(space: FeatureSpace, # fitted on the training side
               first: dict | None = None, # `first_tokens(events, space.lab_edges)`, when already computed (multi-hot only)
              ) -> tuple[sp.csr_matrix, np.ndarray | None, np.ndarray]:
     "Multi-hot CSR (N x V), the per-visit tensor x_NxTxV (or None) and the sequence lengths (N,)."
-    if sequences: tok, lens = sample_tokens(events, samples, space.lab_edges, space.max_visits)
+    vocab = pl.DataFrame({"token": list(space.tokens), "j": np.arange(space.V, dtype=np.int64)}, schema={"token": pl.String, "j": pl.Int64})
+    if sequences:
+        tok, lens = sample_tokens(events, samples, space.lab_edges, space.max_visits)
+        tok = tok.join(vocab, on="token")
+        ij = tok.select("i", "j").unique()
     else:  # the multi-hot alone needs each token's first time only, not every event of every sample
         if first is not None and first["lab_edges"] is not space.lab_edges: raise UtilityError("featurize: `first` was built with other lab edges than the space's")
-        tok, lens = sample_presence(first or first_tokens(events, space.lab_edges), samples, space.max_visits)
-    vocab = pl.DataFrame({"token": list(space.tokens), "j": np.arange(space.V, dtype=np.int64)}, schema={"token": pl.String, "j": pl.Int64})
-    tok = tok.join(vocab, on="token")
+        ij, lens = sample_presence(first or first_tokens(events, space.lab_edges), samples, space.max_visits, vocab)
     N, T, V = samples.height, space.max_visits, space.V
-    ij = tok.select("i", "j").unique()
     X = sp.csr_matrix((np.ones(ij.height, np.float32), (ij["i"].to_numpy(), ij["j"].to_numpy())), shape=(N, V))
     if not sequences: return X, None, lens
     if N * T * V * 4 > max_dense_bytes:
