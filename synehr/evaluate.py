@@ -94,7 +94,7 @@ def evaluate(real_train: pl.DataFrame, # real training records (MEDS events of w
     log, rep = get_logger("synehr.evaluate"), EvalReport({})
     def fdir(name): return None if figures_dir is None else Path(figures_dir)/name.replace(" ", "_")
     jobs = [(name, ev, real_ref) for name, ev in synth.items()]
-    ukw = {"trtr": {}, **(utility_kw or {})}  # TRTR does not depend on the synthetic set: fitted once, its scores reused by every set
+    trtr = {}  # TRTR depends on the real frames only: fitted once per reference, its scores reused by every set against it
     if seed_way_ref is not None: jobs.append(("seed_way", next(iter(synth.values())), seed_way_ref))
     for name, ev, ref in jobs:
         rep.metrics[name], rep.reports[name], rep.seconds[name] = {}, {}, {}
@@ -104,7 +104,7 @@ def evaluate(real_train: pl.DataFrame, # real training records (MEDS events of w
             if fam == "fidelity":
                 r = fidelity_report(ref, ev, seed=seed, n_boot=n_boot, critic_auroc=(critic_auroc or {}).get(name), figures_dir=fdir(name))
             elif fam == "utility":
-                r = utility_report(real_train, ref, ev, seed=seed, n_boot=n_boot, figures_dir=fdir(name), **ukw)
+                r = utility_report(real_train, ref, ev, seed=seed, n_boot=n_boot, figures_dir=fdir(name), **{"trtr": trtr.setdefault(id(ref), {}), **(utility_kw or {})})
             else:
                 r = privacy_report(real_train, ref, ev, seed=seed, n_boot=n_boot, figures_dir=fdir(name), **(privacy_kw or {}))
             rep.reports[name][fam], rep.seconds[name][fam] = r, time.perf_counter() - t0

@@ -532,8 +532,9 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
     log = get_logger("synehr.utility")
     rows, metrics = [], {}
     trtr = {} if trtr is None else trtr
-    same = {"seed": seed, "n_boot": n_boot, **cfg}
-    if trtr.setdefault("settings", same) != same: raise UtilityError(f"utility_report: the shared `trtr` dict was filled with other settings ({trtr['settings']})")
+    real_ids = {n: int(frames[n]["subject_id"].unique().hash(seed=0).sum()) for n in ("real_train", "real_test")}  # which real subjects
+    same = {"seed": seed, "n_boot": n_boot, **cfg, "real_subjects": real_ids}
+    if trtr.setdefault("settings", same) != same: raise UtilityError(f"utility_report: the shared `trtr` dict was filled with other settings or real frames ({trtr['settings']})")
     firsts = trtr.setdefault("firsts", {})  # the real frames' first token times; the synthetic frame's are added, then dropped at the end
     for task in tasks:
         d = {"synth": _prepare(frames["synth"], task, cfg, "synth")}
