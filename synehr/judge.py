@@ -241,7 +241,7 @@ class OpenAIBackend:
         raise RequestError(f"{self.endpoint}: {err}")
 
 # %% ../nbs/09c_judge.ipynb #266546c9
-GGUF_ENGINES = ("llama-cpp-python", "xllamacpp")
+GGUF_ENGINES = {"llama-cpp-python": "llama_cpp", "xllamacpp": "xllamacpp"}  # engine -> the module it imports
 
 def _installed(module: str) -> bool:
     import importlib.util
@@ -258,13 +258,13 @@ class GGUFBackend:
                  seed: int = 0, # sampling seed
                  engine: str = "auto", # "llama-cpp-python", "xllamacpp" or "auto" (the first installed, in that order)
                 ):
-        if engine not in ("auto", *GGUF_ENGINES): raise ValueError(f"GGUFBackend: engine must be 'auto' or one of {GGUF_ENGINES}, got {engine!r}")
+        if engine not in ("auto", *GGUF_ENGINES): raise ValueError(f"GGUFBackend: engine must be 'auto' or one of {tuple(GGUF_ENGINES)}, got {engine!r}")
         if engine == "auto":
-            engine = next((e for e, m in zip(GGUF_ENGINES, ("llama_cpp", "xllamacpp")) if _installed(m)), None)
+            engine = next((e for e, m in GGUF_ENGINES.items() if _installed(m)), None)
             if engine is None:
                 raise ImportError("GGUFBackend needs llama-cpp-python (`pip install llama-cpp-python`) or xllamacpp (`pip install xllamacpp`); "
                                   "or serve the model with llama.cpp's llama-server (see `llama_server`) and use OpenAIBackend")
-        elif not _installed(dict(zip(GGUF_ENGINES, ("llama_cpp", "xllamacpp")))[engine]):
+        elif not _installed(GGUF_ENGINES[engine]):
             raise ImportError(f"GGUFBackend: engine {engine!r} is not installed (`pip install {engine}`)")
         if not Path(model_path).is_file(): raise FileNotFoundError(f"GGUF model {model_path}: no such file")
         self.model_path, self.engine, self.max_tokens, self.temperature, self.seed = str(model_path), engine, max_tokens, temperature, seed
