@@ -294,6 +294,7 @@ class GGUFBackend:
             try:
                 if self.engine == "llama-cpp-python":
                     rf = {"type": "json_object", "schema": schema} if schema is not None else None
+                    self.llm.reset()  # no reused prefix: a cached one changes the numerics, as on xllamacpp
                     out = self.llm.create_chat_completion(response_format=rf, **kw)
                 else:
                     if schema is not None: kw["response_format"] = {"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema}}
