@@ -22,10 +22,10 @@ from .core import get_logger, make_key, make_rng, write_json, write_parquet
 from .data import BIRTH, DEATH
 
 # %% auto #0
-__all__ = ['LOS_EDGES_DAYS', 'LOS_CLASSES', 'TASKS', 'CHAPTERS', 'CHAPTER_STARTS', 'MODELS', 'TABLE_SCHEMA', 'UtilityError',
-           'check_events', 'stay_table', 'n_labels', 'icd10_chapters', 'task_samples', 'label_matrix', 'fit_lab_edges',
-           'sample_tokens', 'first_tokens', 'sample_presence', 'FeatureSpace', 'fit_features', 'featurize',
-           'LSTMConfig', 'VisitBiLSTM', 'fit_predict_bilstm', 'fit_predict_sklearn', 'weighted_auc',
+__all__ = ['LOS_EDGES_DAYS', 'LOS_CLASSES', 'TASKS', 'CHAPTERS', 'CHAPTER_STARTS', 'MODELS', 'THREADS_FROM', 'TABLE_SCHEMA',
+           'UtilityError', 'check_events', 'stay_table', 'n_labels', 'icd10_chapters', 'task_samples', 'label_matrix',
+           'fit_lab_edges', 'sample_tokens', 'first_tokens', 'sample_presence', 'FeatureSpace', 'fit_features',
+           'featurize', 'LSTMConfig', 'VisitBiLSTM', 'fit_predict_bilstm', 'fit_predict_sklearn', 'weighted_auc',
            'bootstrap_weights', 'UtilityReport', 'utility_report', 'plot_utility']
 
 # %% ../nbs/10b_utility.ipynb #127805ca
@@ -371,20 +371,26 @@ def fit_predict_bilstm(x_tr, len_tr, Y_tr, x_te, len_te, *, softmax: bool, cfg: 
 # %% ../nbs/10b_utility.ipynb #62f156eb
 MODELS = ("logreg", "hgb", "bilstm")
 
-def _sk_model(name: str, seed: int, hgb_max_iter: int, multiclass: bool = False):
+THREADS_FROM = 10_000  # n_threads="auto": one thread below this many training samples, all cores from it on
+
+def _sk_model(name: str, seed: int, hgb_max_iter: int, multiclass: bool = False, early_stopping: str | bool = "auto"):
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
-    if name == "logreg": return LogisticRegression(C=1.0, solver="lbfgs" if multiclass else "liblinear", max_iter=500)
-    return HistGradientBoostingClassifier(max_iter=hgb_max_iter, learning_rate=0.1, max_leaf_nodes=15, early_stopping=False, random_state=seed)
+    if name == "logreg": return LogisticRegression(C=1.0, solver="lbfgs", max_iter=500)
+    return HistGradientBoostingClassifier(max_iter=hgb_max_iter, learning_rate=0.1, max_leaf_nodes=15, early_stopping=early_stopping,
+                                          random_state=seed)
 
 def fit_predict_sklearn(name: str, X_tr, Y_tr: np.ndarray, X_te, *, kind: str, seed: int, min_pos: int = 5, hgb_max_iter: int = 100,
-                        n_threads: int | None = 1) -> np.ndarray:
+                        hgb_early_stopping: str | bool = "auto", # scikit-learn's: "auto" holds out 10% to stop on above 10,000 samples
+                        n_threads: int | None | str = "auto", # BLAS/OpenMP threads; "auto": 1 below THREADS_FROM training samples, else all
+                       ) -> np.ndarray:
     "Scores (N_te x K) of logistic regression or HGB; constant 0 for a label with < min_pos training positives or negatives."
     from threadpoolctl import threadpool_limits
-    with threadpool_limits(n_threads):  # small fits: threads cost more than they give (and fight over shared cores)
-        return _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter)
+    if n_threads == "auto": n_threads = 1 if X_tr.shape[0] < THREADS_FROM else None  # small fits: threads cost more than they give
+    with threadpool_limits(n_threads):
+        return _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, hgb_early_stopping)
 
-def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter):
+def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, early_stopping):
     if name == "hgb": X_tr, X_te = X_tr.toarray(), X_te.toarray()
     K = Y_tr.shape[1]
     S = np.zeros((X_te.shape[0], K), np.float64)
@@ -393,11 +399,11 @@ def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_it
     if kind == "multiclass":
         keep = np.isin(Y_tr.argmax(1), np.flatnonzero(pos >= min_pos))  # classes seen often enough
         if ok.sum() >= 2:
-            m = _sk_model(name, seed, hgb_max_iter, multiclass=True).fit(X_tr[keep], Y_tr[keep].argmax(1))
+            m = _sk_model(name, seed, hgb_max_iter, True, early_stopping).fit(X_tr[keep], Y_tr[keep].argmax(1))
             S[:, m.classes_] = m.predict_proba(X_te)
         return S
     for k in np.flatnonzero(ok):
-        S[:, k] = _sk_model(name, seed, hgb_max_iter).fit(X_tr, Y_tr[:, k]).predict_proba(X_te)[:, 1]
+        S[:, k] = _sk_model(name, seed, hgb_max_iter, False, early_stopping).fit(X_tr, Y_tr[:, k]).predict_proba(X_te)[:, 1]
     return S
 
 # %% ../nbs/10b_utility.ipynb #f354e0b8
@@ -493,7 +499,7 @@ def _scores(model, F, Y_tr, task, cfg, seed, setting):
     kind = TASKS[task][0]
     if model != "bilstm":
         return fit_predict_sklearn(model, F["X_tr"], Y_tr, F["X_te"], kind=kind, seed=seed, min_pos=cfg["min_pos"], hgb_max_iter=cfg["hgb_max_iter"],
-                                   n_threads=cfg["n_threads"])
+                                   hgb_early_stopping=cfg["hgb_early_stopping"], n_threads=cfg["n_threads"])
     S, _ = fit_predict_bilstm(F["x_tr"], F["l_tr"], Y_tr, F["x_te"], F["l_te"], softmax=kind == "multiclass", cfg=cfg["lstm"],
                               seed=seed, name=f"bilstm/{task}/{setting}")
     if kind != "multiclass": S = np.where(_counts_ok(Y_tr, cfg["min_pos"])[None, :], S, 0.0)  # labels it could not learn: constant
@@ -514,7 +520,8 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
                    max_visits: int = 10, # visits the BiLSTM sees
                    min_count: int = 1, # vocabulary: tokens of at least this many training samples
                    hgb_max_iter: int = 100, # boosting rounds of HGB
-                   n_threads: int | None = 1, # BLAS/OpenMP threads for the scikit-learn fits (None: all)
+                   hgb_early_stopping: str | bool = "auto", # HGB's early stopping ("auto": on above 10,000 training samples)
+                   n_threads: int | None | str = "auto", # threads of the scikit-learn fits (None: all; "auto": all from THREADS_FROM samples)
                    lstm: LSTMConfig | None = None, # BiLSTM config (LSTMConfig() by default)
                    figures_dir: str | Path | None = None, # write utility_auroc.png and utility_ratio.png here
                    trtr: dict | None = None, # a dict shared by calls on the same real frames and settings: TRTR is fitted once, its scores reused
@@ -528,7 +535,7 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
     shared = set(frames["real_train"]["subject_id"].unique().to_list()) & set(frames["real_test"]["subject_id"].unique().to_list())
     if shared: raise UtilityError(f"real_train and real_test share {len(shared)} subject(s), e.g. {sorted(shared)[:3]}: the test set must be held out")
     cfg = dict(window_h=window_h, los_window_h=los_window_h, readmit_days=readmit_days, max_visits=max_visits, min_count=min_count,
-               min_pos=min_pos, hgb_max_iter=hgb_max_iter, n_threads=n_threads, lstm=lstm or LSTMConfig())
+               min_pos=min_pos, hgb_max_iter=hgb_max_iter, hgb_early_stopping=hgb_early_stopping, n_threads=n_threads, lstm=lstm or LSTMConfig())
     log = get_logger("synehr.utility")
     rows, metrics = [], {}
     trtr = {} if trtr is None else trtr
