@@ -123,16 +123,17 @@ def _prefill_jit(graphdef, state, prompts_BxP, n_pad_B, S: int):
 @partial(jax.jit, static_argnames=("S",))
 def _grow(cache, S: int):
     "The same cache with S slots (the new slots empty)."
-    pad = S - cache.k.shape[2]
-    kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-    return cache.replace(k=kv(cache.k), v=kv(cache.v), segments=jnp.pad(cache.segments, ((0, 0), (0, pad))))
+    pad = S - cache.max_len
+    grow = lambda x, axis: jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
+    # keys [L, B, K, Dh, S], values [L, B, K, S, Dh]
+    return cache.replace(k=grow(cache.k, 4), v=grow(cache.v, 3), segments=jnp.pad(cache.segments, ((0, 0), (0, pad))))
 
 @partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_k", "top_p"), donate_argnames=("carry",))
 def _decode_jit(graphdef, state, ga: GrammarArrays, carry, n_pad_B, keys_B,
                 max_len: int, temperature: float, top_k: int, top_p: float):
     "Sample until every row stopped or the cache is full; carry = (t, logits, cache, state, finished, previous token, out)."
     model = nnx.merge(graphdef, state)
-    S = carry[2].k.shape[2]
+    S = carry[2].max_len
     stopped = lambda t, fin: fin | (t - n_pad_B >= max_len)  # finished, or at the row's own length limit
 
     def cond(c):

@@ -18,9 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .core import ConfigError, check_field_types, strict_from_dict
 
 # %% auto #0
-__all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'dense2d', 'Attention', 'MLP',
-           'Block', 'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params', 'next_token_loss', 'KVCache',
-           'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
+__all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'write_kv', 'gqa_cached',
+           'dense2d', 'Attention', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params',
+           'next_token_loss', 'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch',
+           'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -176,6 +177,54 @@ def write_slots(buf_BxSx_, # a per-row buffer of S slots (keys, values or segmen
     slots_BxT = index[:, None] + jnp.arange(new_BxTx_.shape[1])
     return buf_BxSx_.at[jnp.arange(buf_BxSx_.shape[0])[:, None], slots_BxT].set(new_BxTx_)
 
+def write_kv(buf, # a cache buffer of every layer: values [L, B, K, S, Dh], or keys [L, B, K, Dh, S] (slots_last)
+             new_LxBxTxKxDh, # T new entries per layer and row, as the layers return them
+             index, # [] int32: the first slot to write, the same for every row; or [B]: one per row
+             slots_last: bool = False, # the buffer's slot axis is its last (keys)
+            ):
+    "`buf` with every layer's new entries written at slots index .. index + T - 1 of each row (in place when donated)."
+    new_LxBxTxKxDh = new_LxBxTxKxDh.astype(buf.dtype)
+    if jnp.ndim(index) == 0:
+        new = new_LxBxTxKxDh.transpose((0, 1, 3, 4, 2) if slots_last else (0, 1, 3, 2, 4))
+        return jax.lax.dynamic_update_slice(buf, new, (0, 0, 0, 0, index) if slots_last else (0, 0, 0, index, 0))
+    rows_Bx1, slots_BxT = jnp.arange(len(index))[:, None], index[:, None] + jnp.arange(new_LxBxTxKxDh.shape[2])
+    # one scatter over (row, slot) pairs; the advanced indices' axes come first in the update, [B, T, L, K, Dh]
+    # (a vmap over the row axis would give XLA a row-major layout to convert the whole cache to and back every step)
+    new_BxTxLxKxDh = new_LxBxTxKxDh.transpose(1, 2, 0, 3, 4)
+    return (buf.at[:, rows_Bx1, :, :, slots_BxT] if slots_last else buf.at[:, rows_Bx1, :, slots_BxT]).set(new_BxTxLxKxDh)
+
+def gqa_cached(q_BxTxHxDh, # T new queries (already rotated)
+               ck_BxKxDhxS, # the cache's keys of this layer, head-major and transposed (slots last)
+               cv_BxKxSxDh, # the cache's values, head-major
+               k_BxTxKxDh, # the T new keys (already rotated), not yet in the cache
+               v_BxTxKxDh, # the T new values
+               mask_old_BxTxS, # True where a query may attend to a cache slot (filled, same segment)
+               mask_new_BxTxT, # True where a query may attend to a new key (causal, same segment)
+              ):
+    "Grouped-query attention over the cache and the new keys at once: one softmax over both, the cache read in place."
+    B, T, H, Dh = q_BxTxHxDh.shape
+    K, S = ck_BxKxDhxS.shape[1], ck_BxKxDhxS.shape[3]
+    G, dt, lo = H // K, q_BxTxHxDh.dtype, jnp.finfo(jnp.float32).min
+    q_BxKxMxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+    kn_BxKxTxDh, vn_BxKxTxDh = k_BxTxKxDh.transpose(0, 2, 1, 3), v_BxTxKxDh.transpose(0, 2, 1, 3)
+    ck, cv = ck_BxKxDhxS.astype(dt), cv_BxKxSxDh.astype(dt)
+    if T == 1:  # decoding: M = G queries per row and head, too few for a GEMM; multiply-and-reduce loops stream the
+        # cache at memory speed (keys reduced over Dh, the non-minor axis, so the slots stay vectorised), and the
+        # barriers keep XLA from fusing the softmax into the reductions (recomputing exp for every channel)
+        s_old = jnp.sum(q_BxKxMxDh[..., None].astype(jnp.float32) * ck[:, :, None], axis=-2)
+        s_old = jax.lax.optimization_barrier(s_old)
+    else: s_old = jnp.einsum("bkmd,bkds->bkms", q_BxKxMxDh, ck, preferred_element_type=jnp.float32)
+    s_new = jnp.einsum("bkmd,bknd->bkmn", q_BxKxMxDh, kn_BxKxTxDh, preferred_element_type=jnp.float32)
+    s_old = jnp.where(mask_old_BxTxS[:, None, None], s_old.reshape(B, K, G, T, S) / math.sqrt(Dh), lo)
+    s_new = jnp.where(mask_new_BxTxT[:, None, None], s_new.reshape(B, K, G, T, T) / math.sqrt(Dh), lo)
+    p_BxKxGxTxN = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(dt)
+    if T == 1: p_BxKxGxTxN = jax.lax.optimization_barrier(p_BxKxGxTxN)
+    p_old_BxKxMxS, p_new_BxKxMxT = (p.reshape(B, K, G * T, -1) for p in (p_BxKxGxTxN[..., :S], p_BxKxGxTxN[..., S:]))
+    if T == 1: o_old = jnp.sum(p_old_BxKxMxS[..., None] * cv[:, :, None], axis=-2)  # reduced over the slots, channels minor
+    else: o_old = jnp.einsum("bkms,bksd->bkmd", p_old_BxKxMxS, cv)
+    o_BxKxMxDh = o_old + jnp.einsum("bkmn,bknd->bkmd", p_new_BxKxMxT, vn_BxKxTxDh)
+    return o_BxKxMxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+
 def dense2d(f, x_Nx_xD):
     "A linear map `f` over the last axis, applied to x flattened to 2D: one plain GEMM forward and backward (XLA's CPU backward is much slower when the weight gradient contracts over batch and time as two axes)."
     return f(x_Nx_xD.reshape(-1, x_Nx_xD.shape[-1])).reshape(*x_Nx_xD.shape[:-1], -1)
@@ -191,18 +240,17 @@ class Attention(nnx.Module):
         self.q, self.o = _dense(cfg, cfg.D, cfg.H * cfg.Dh, rngs), _dense(cfg, cfg.H * cfg.Dh, cfg.D, rngs)
         self.k, self.v = _dense(cfg, cfg.D, cfg.K * cfg.Dh, rngs), _dense(cfg, cfg.D, cfg.K * cfg.Dh, rngs)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, key=None):
+    def __call__(self, x_BxTxD, positions_BxT,
+                 mask, # [B, T, T] without a cache; with one, (mask over its slots [B, T, S], mask over the new keys [B, T, T])
+                 cache=None, # (keys, values) of this layer's cache, [B, K, S, Dh] each, or None
+                 key=None):
         c = self.cfg
         B, T, _ = x_BxTxD.shape
         q_BxTxHxDh = rope(dense2d(self.q, x_BxTxD).reshape(B, T, c.H, c.Dh), positions_BxT, c.rope_theta)
         k_BxTxKxDh = rope(dense2d(self.k, x_BxTxD).reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
         v_BxTxKxDh = dense2d(self.v, x_BxTxD).reshape(B, T, c.K, c.Dh)
-        if cache is None: k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
-        else:
-            ck_BxSxKxDh, cv_BxSxKxDh, index = cache
-            k_BxSxKxDh, v_BxSxKxDh = write_slots(ck_BxSxKxDh, k_BxTxKxDh, index), write_slots(cv_BxSxKxDh, v_BxTxKxDh, index)
-        o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxSxKxDh.astype(q_BxTxHxDh.dtype), v_BxSxKxDh.astype(q_BxTxHxDh.dtype),
-                         mask_BxTxS, c.dropout, key)
+        if cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key)
+        else: o_BxTxHxDh = gqa_cached(q_BxTxHxDh, *cache, k_BxTxKxDh, v_BxTxKxDh, *mask)  # sampling: no dropout
         return dense2d(self.o, o_BxTxHxDh.reshape(B, T, c.H * c.Dh)), (k_BxTxKxDh, v_BxTxKxDh)
 
 # %% ../nbs/05_model.ipynb #da292561
@@ -285,24 +333,24 @@ class Decoder(nnx.Module):
             if f is not None: h_BxTxD = h_BxTxD + f(tokens_BxT)
         return _dropout(h_BxTxD, self.cfg.dropout, key)
 
-    def forward(self, h_BxTxD, positions_BxT, mask_BxTxS, cache=None, key=None):
-        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None)."
+    def forward(self, h_BxTxD, positions_BxT, mask, cache=None, key=None):
+        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` and `cache` as in `Attention`, the cache's buffers [L, B, K, S, Dh]."
         c = self.cfg
-        def layer(h_BxTxD, block, i, ck_BxSxKxDh, cv_BxSxKxDh):
+        def layer(h_BxTxD, block, i, ck_BxKxSxDh, cv_BxKxSxDh):
             k = None if key is None else jax.random.fold_in(key, i)
-            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask_BxTxS, None if cache is None else (ck_BxSxKxDh, cv_BxSxKxDh, cache[2]), k)
+            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (ck_BxKxSxDh, cv_BxKxSxDh), k)
             return h_BxTxD, (kv if cache is not None else None)
         if c.remat: layer = nnx.remat(layer, graph=False)
-        ck_LxBxSxKxDh, cv_LxBxSxKxDh = (None, None) if cache is None else cache[:2]
+        ck_LxBxKxSxDh, cv_LxBxKxSxDh = (None, None) if cache is None else cache
         if c.scan_layers or cache is not None:  # one compiled layer body: fast compiles, and the faster KV-cached decode
             h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(
-                h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxSxKxDh, cv_LxBxSxKxDh)
+                h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxKxSxDh, cv_LxBxKxSxDh)
         else:  # training: the layers unrolled, each a static slice of the stacked parameters (faster steps on CPU)
             graphdef, stacked = nnx.split(self.layers)
             kvs = []
             for i in range(c.L):
                 block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked))
-                h_BxTxD, kv_i = layer(h_BxTxD, block, i, None if cache is None else ck_LxBxSxKxDh[i], None if cache is None else cv_LxBxSxKxDh[i])
+                h_BxTxD, kv_i = layer(h_BxTxD, block, i, None if cache is None else ck_LxBxKxSxDh[i], None if cache is None else cv_LxBxKxSxDh[i])
                 kvs.append(kv_i)
             kv = None if cache is None else tuple(jnp.stack(x) for x in zip(*kvs))
         h_BxTxD = self.norm(h_BxTxD)
@@ -368,13 +416,13 @@ def next_token_loss(model: Decoder, # the model
 @struct.dataclass
 class KVCache:
     "Keys and values of every layer for the tokens seen so far."
-    k: jax.Array # [L, B, S, K, Dh] rotated keys
-    v: jax.Array # [L, B, S, K, Dh] values
+    k: jax.Array # [L, B, K, Dh, S] rotated keys, head-major and transposed (the slots last)
+    v: jax.Array # [L, B, K, S, Dh] values
     segments: jax.Array # [B, S] segment id of each filled slot (0 when empty or padding)
     index: jax.Array # [] int32: the next slot to fill; or [B]: each row's own next slot (rows restart records independently)
 
     @property
-    def max_len(self) -> int: return self.k.shape[2]
+    def max_len(self) -> int: return self.v.shape[3]
 
 def init_cache(cfg: ModelConfig, # the model's config
                batch: int, # rows (B)
@@ -383,8 +431,8 @@ def init_cache(cfg: ModelConfig, # the model's config
               ) -> KVCache:
     "An empty KV cache for `batch` rows of up to `max_len` tokens, in the compute dtype."
     S = cfg.T if max_len is None else int(max_len)
-    shape = (cfg.L, batch, S, cfg.K, cfg.Dh)  # k and v are separate buffers, so a jitted step can donate both
-    return KVCache(k=jnp.zeros(shape, jnp.dtype(cfg.dtype)), v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+    shape = (cfg.L, batch, cfg.K, S, cfg.Dh)  # k and v are separate buffers, so a jitted step can donate both
+    return KVCache(k=jnp.zeros(shape[:3] + shape[3:][::-1], jnp.dtype(cfg.dtype)), v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
                    segments=jnp.zeros((batch, S), jnp.int32), index=jnp.zeros((batch,) if per_row else (), jnp.int32))
 
 def extend(model: Decoder, cache: KVCache,
@@ -398,15 +446,14 @@ def extend(model: Decoder, cache: KVCache,
     except (jax.errors.ConcretizationTypeError, TypeError): index = None
     if index is not None and index + T > cache.max_len:
         raise ValueError(f"KV cache overflow: {index} slots used + {T} new > max_len {cache.max_len}")
-    if segments_BxT is None: segments_BxT = jnp.ones((B, T), jnp.int32)
-    segments_BxS = write_slots(cache.segments, segments_BxT.astype(jnp.int32), cache.index)
-    slot_q = cache.index + jnp.arange(T) if jnp.ndim(cache.index) == 0 else cache.index[:, None] + jnp.arange(T)
-    mask_BxTxS = attention_mask(segments_BxT, segments_BxS, slot_q, jnp.arange(cache.max_len))
-    logits_BxTxV, (k_LxBxTxKxDh, v_LxBxTxKxDh) = model.forward(model.embed_tokens(tokens_BxT), positions_BxT, mask_BxTxS,
-                                                                cache=(cache.k, cache.v, cache.index))
-    put = jax.vmap(write_slots, in_axes=(0, 0, None))  # every layer at the same slots
-    return logits_BxTxV, KVCache(k=put(cache.k, k_LxBxTxKxDh, cache.index), v=put(cache.v, v_LxBxTxKxDh, cache.index),
-                                 segments=segments_BxS, index=cache.index + T)
+    segments_BxT = jnp.ones((B, T), jnp.int32) if segments_BxT is None else segments_BxT.astype(jnp.int32)
+    filled_BxS = jnp.arange(cache.max_len) < jnp.reshape(cache.index, (-1, 1))  # slots before the index (any later ones are stale)
+    mask_old_BxTxS = filled_BxS[:, None, :] & (segments_BxT[:, :, None] == cache.segments[:, None, :])
+    mask_new_BxTxT = attention_mask(segments_BxT, segments_BxT, jnp.arange(T), jnp.arange(T))
+    logits_BxTxV, (k_LxBxTxKxDh, v_LxBxTxKxDh) = model.forward(model.embed_tokens(tokens_BxT), positions_BxT,
+                                                                (mask_old_BxTxS, mask_new_BxTxT), cache=(cache.k, cache.v))
+    return logits_BxTxV, KVCache(k=write_kv(cache.k, k_LxBxTxKxDh, cache.index, slots_last=True), v=write_kv(cache.v, v_LxBxTxKxDh, cache.index),
+                                 segments=write_slots(cache.segments, segments_BxT, cache.index), index=cache.index + T)
 
 def prefill(model: Decoder, cache: KVCache, tokens_BxT, positions_BxT, segments_BxT=None) -> tuple[jax.Array, KVCache]:
     "Feed a prompt into the cache -> (logits [B, T, V], cache)."

@@ -254,7 +254,7 @@ def test_cache_matches_full_forward(kw):
         lg, cache = jit_decode(m, cache, tokens[:, t:t + 1], pos[:, t:t + 1])
         outs.append(lg[:, None])
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-4)
-    assert int(cache.index) == T and cache.k.shape == (c.L, B, 24, c.K, c.Dh)
+    assert int(cache.index) == T and cache.k.shape == (c.L, B, c.K, c.Dh, 24) and cache.v.shape == (c.L, B, c.K, 24, c.Dh)
     # a step that donates the cache (as the sampler will) gives the same logits
     donating = nnx.jit(decode_step, donate_argnums=1)
     lg, _ = donating(m, init_cache(c, B, 24), tokens[:, :1], pos[:, :1])
