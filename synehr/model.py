@@ -242,7 +242,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD, positions_BxT,
                  mask, # [B, T, T] without a cache; with one, (mask over its slots [B, T, S], mask over the new keys [B, T, T])
-                 cache=None, # (keys, values) of this layer's cache, [B, K, S, Dh] each, or None
+                 cache=None, # (keys [B, K, Dh, S], values [B, K, S, Dh]) of this layer's cache, or None
                  key=None):
         c = self.cfg
         B, T, _ = x_BxTxD.shape
@@ -334,23 +334,23 @@ class Decoder(nnx.Module):
         return _dropout(h_BxTxD, self.cfg.dropout, key)
 
     def forward(self, h_BxTxD, positions_BxT, mask, cache=None, key=None):
-        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` and `cache` as in `Attention`, the cache's buffers [L, B, K, S, Dh]."
+        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` and `cache` as in `Attention`, with a leading layer axis L."
         c = self.cfg
-        def layer(h_BxTxD, block, i, ck_BxKxSxDh, cv_BxKxSxDh):
+        def layer(h_BxTxD, block, i, ck_BxKxDhxS, cv_BxKxSxDh):
             k = None if key is None else jax.random.fold_in(key, i)
-            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (ck_BxKxSxDh, cv_BxKxSxDh), k)
+            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (ck_BxKxDhxS, cv_BxKxSxDh), k)
             return h_BxTxD, (kv if cache is not None else None)
         if c.remat: layer = nnx.remat(layer, graph=False)
-        ck_LxBxKxSxDh, cv_LxBxKxSxDh = (None, None) if cache is None else cache
+        ck_LxBxKxDhxS, cv_LxBxKxSxDh = (None, None) if cache is None else cache
         if c.scan_layers or cache is not None:  # one compiled layer body: fast compiles, and the faster KV-cached decode
             h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(
-                h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxKxSxDh, cv_LxBxKxSxDh)
+                h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxKxDhxS, cv_LxBxKxSxDh)
         else:  # training: the layers unrolled, each a static slice of the stacked parameters (faster steps on CPU)
             graphdef, stacked = nnx.split(self.layers)
             kvs = []
             for i in range(c.L):
                 block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked))
-                h_BxTxD, kv_i = layer(h_BxTxD, block, i, None if cache is None else ck_LxBxKxSxDh[i], None if cache is None else cv_LxBxKxSxDh[i])
+                h_BxTxD, kv_i = layer(h_BxTxD, block, i, None if cache is None else ck_LxBxKxDhxS[i], None if cache is None else cv_LxBxKxSxDh[i])
                 kvs.append(kv_i)
             kv = None if cache is None else tuple(jnp.stack(x) for x in zip(*kvs))
         h_BxTxD = self.norm(h_BxTxD)
