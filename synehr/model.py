@@ -131,12 +131,12 @@ def rope(x_BxTxNxDh, # queries or keys, N heads of width Dh (even)
 # %% ../nbs/05_model.ipynb #40c74dbc
 def attention_mask(segments_q_BxT, # segment id of each query (0 = padding)
                    segments_k_BxS, # segment id of each key slot
-                   slot_q_T, # slot index of each query (its column in the row, or in the cache); [B, T] for per-row slots
+                   slot_q_T, # slot index of each query (its column in the row)
                    slot_k_S, # slot index of each key
                   ):
     "Allowed attention [B, T, S]: the key slot is at or before the query's, and in the same segment."
-    causal = slot_k_S <= jnp.asarray(slot_q_T)[..., None]  # [T, S], or [B, T, S] for per-row query slots [B, T]
-    return (causal if causal.ndim == 3 else causal[None]) & (segments_q_BxT[:, :, None] == segments_k_BxS[:, None, :])
+    causal_TxS = slot_k_S <= jnp.asarray(slot_q_T)[:, None]
+    return causal_TxS[None] & (segments_q_BxT[:, :, None] == segments_k_BxS[:, None, :])
 
 # %% ../nbs/05_model.ipynb #0ddd3cb5
 def _dropout(x, rate: float, key):
@@ -345,14 +345,10 @@ class Decoder(nnx.Module):
         if c.scan_layers or cache is not None:  # one compiled layer body: fast compiles, and the faster KV-cached decode
             h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(
                 h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxKxDhxS, cv_LxBxKxSxDh)
-        else:  # training: the layers unrolled, each a static slice of the stacked parameters (faster steps on CPU)
+        else:  # training (no cache): the layers unrolled, each a static slice of the stacked parameters (faster steps on CPU)
             graphdef, stacked = nnx.split(self.layers)
-            kvs = []
             for i in range(c.L):
-                block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked))
-                h_BxTxD, kv_i = layer(h_BxTxD, block, i, None if cache is None else ck_LxBxKxDhxS[i], None if cache is None else cv_LxBxKxSxDh[i])
-                kvs.append(kv_i)
-            kv = None if cache is None else tuple(jnp.stack(x) for x in zip(*kvs))
+                h_BxTxD, kv = layer(h_BxTxD, nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)), i, None, None)
         h_BxTxD = self.norm(h_BxTxD)
         logits_BxTxV = dense2d(self.embed.attend if self.head is None else self.head, h_BxTxD)
         return logits_BxTxV.astype(jnp.float32), kv
@@ -431,8 +427,8 @@ def init_cache(cfg: ModelConfig, # the model's config
               ) -> KVCache:
     "An empty KV cache for `batch` rows of up to `max_len` tokens, in the compute dtype."
     S = cfg.T if max_len is None else int(max_len)
-    shape = (cfg.L, batch, cfg.K, S, cfg.Dh)  # k and v are separate buffers, so a jitted step can donate both
-    return KVCache(k=jnp.zeros(shape[:3] + shape[3:][::-1], jnp.dtype(cfg.dtype)), v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+    dt = jnp.dtype(cfg.dtype)  # k and v are separate buffers, so a jitted step can donate both
+    return KVCache(k=jnp.zeros((cfg.L, batch, cfg.K, cfg.Dh, S), dt), v=jnp.zeros((cfg.L, batch, cfg.K, S, cfg.Dh), dt),
                    segments=jnp.zeros((batch, S), jnp.int32), index=jnp.zeros((batch,) if per_row else (), jnp.int32))
 
 def extend(model: Decoder, cache: KVCache,

@@ -373,7 +373,7 @@ MODELS = ("logreg", "hgb", "bilstm")
 
 THREADS_FROM = 10_000  # n_threads="auto": one thread below this many training samples, all cores from it on
 
-def _sk_model(name: str, seed: int, hgb_max_iter: int, multiclass: bool = False, early_stopping: str | bool = "auto"):
+def _sk_model(name: str, seed: int, hgb_max_iter: int, early_stopping: str | bool = "auto"):
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     if name == "logreg": return LogisticRegression(C=1.0, solver="lbfgs", max_iter=500)
@@ -399,11 +399,11 @@ def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_it
     if kind == "multiclass":
         keep = np.isin(Y_tr.argmax(1), np.flatnonzero(pos >= min_pos))  # classes seen often enough
         if ok.sum() >= 2:
-            m = _sk_model(name, seed, hgb_max_iter, True, early_stopping).fit(X_tr[keep], Y_tr[keep].argmax(1))
+            m = _sk_model(name, seed, hgb_max_iter, early_stopping).fit(X_tr[keep], Y_tr[keep].argmax(1))
             S[:, m.classes_] = m.predict_proba(X_te)
         return S
     for k in np.flatnonzero(ok):
-        S[:, k] = _sk_model(name, seed, hgb_max_iter, False, early_stopping).fit(X_tr, Y_tr[:, k]).predict_proba(X_te)[:, 1]
+        S[:, k] = _sk_model(name, seed, hgb_max_iter, early_stopping).fit(X_tr, Y_tr[:, k]).predict_proba(X_te)[:, 1]
     return S
 
 # %% ../nbs/10b_utility.ipynb #f354e0b8
