@@ -22,10 +22,10 @@ from .data import BIRTH, DEATH
 from .demo import DATA_DIR, RULE_SCHEMA, TEMPORAL, FORMULAS, load_rules, prefixes, _md_table
 
 # %% auto #0
-__all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'GROUPS', 'ERROR_FACTOR', 'WARNING_FACTOR', 'VIOLATIONS_SCHEMA',
-           'PER_RECORD_SCHEMA', 'TOTALS_SCHEMA', 'empty_scores', 'derive_icd10cm_rules', 'icd10cm_rules',
-           'audit_rule_table', 'write_icd10cm_rules', 'AuditError', 'check_events', 'Packed', 'pack_events', 'chunks',
-           'chunk_arrays', 'RuleTensors', 'compile_rules', 'RuleAudit', 'audit_rules']
+__all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'PER_CHUNK', 'GROUPS', 'ERROR_FACTOR', 'WARNING_FACTOR',
+           'VIOLATIONS_SCHEMA', 'PER_RECORD_SCHEMA', 'TOTALS_SCHEMA', 'empty_scores', 'derive_icd10cm_rules',
+           'icd10cm_rules', 'audit_rule_table', 'write_icd10cm_rules', 'AuditError', 'check_events', 'Packed',
+           'pack_events', 'chunks', 'chunk_arrays', 'RuleTensors', 'compile_rules', 'RuleAudit', 'audit_rules']
 
 # %% ../nbs/09a_rules.ipynb #620d55a4
 SCORES_SCHEMA = {"subject_id": pl.Int64, "judge": pl.String, "score": pl.Float64, "passed": pl.Boolean,
@@ -209,13 +209,22 @@ def pack_events(events: pl.DataFrame | pl.LazyFrame) -> Packed:
     value = df["numeric_value"].fill_null(np.nan).to_numpy().astype(np.float32)
     return Packed(df, cl, sid[offs[:-1]], offs, sex, code.astype(np.int32), tgroup, sec, value, age, n_adm)
 
+PER_CHUNK = 16  # a chunk of E rows holds at most E // 16 records and E // 16 stays: its per-record and per-stay tables are that small
+
+def _cap(E: int) -> int: return max(1, E // PER_CHUNK)
+
 def chunks(p: Packed, chunk_events: int = 1 << 16) -> list:
-    "Consecutive records packed into chunks of `chunk_events` rows: [(first record, end record, E)] (a longer record: E = its length, to a power of two)."
+    "Consecutive records in chunks of at most E rows, `_cap(E)` records and `_cap(E)` stays: [(first record, end record, E)], E = `chunk_events` (a record too long or with too many stays alone: E to a power of two that fits it)."
     out, i, S = [], 0, len(p.subjects)
+    cap = _cap(chunk_events)
+    stays = np.r_[0, np.cumsum(p.n_adm)]
     while i < S:
         j = int(np.searchsorted(p.offsets, p.offsets[i] + chunk_events, side="right")) - 1
+        j = min(j, i + cap, int(np.searchsorted(stays, stays[i] + cap, side="right")) - 1)
         j = max(j, i + 1)
-        out.append((i, j, max(chunk_events, _pow2(p.offsets[j] - p.offsets[i]))))
+        E = max(chunk_events, _pow2(p.offsets[j] - p.offsets[i]))
+        while _cap(E) < stays[j] - stays[i]: E *= 2
+        out.append((i, j, E))
         i = j
     return out
 
@@ -334,13 +343,14 @@ def _cmp(x, op, v):
 def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E, age_E, rec_E, start_E, sex_E):
     "checked_R (units checked per rule) and vio_ExK (the rule column of each violating unit an event anchors; -1 for none)."
     E, R = code_E.shape[0], len(rt.rules)
+    A = _cap(E)  # at most this many records and stays in the chunk (`chunks` cuts it so): the size of per-record and per-stay tables
     P, G = rt.params, rt.groups
     pos_E = jnp.arange(E)
     timed_E = valid_E & (gid_E >= 0)
     tg_E = jnp.where(timed_E, gid_E, E)  # time group as a segment id (null times: a dummy segment)
     x_E = val_E[:, None]
     seg_min, seg_max, seg_sum = jax.ops.segment_min, jax.ops.segment_max, jax.ops.segment_sum
-    per_rec = lambda f, m: f(m, rec_E, E)[rec_E]  # a per-record reduction, read back at each event
+    per_rec = lambda f, m: f(m, rec_E, A + 1)[rec_E]  # a per-record reduction, read back at each event
     def first_per(m_ExR, seg_E, n):
         "The first flagged event of each segment, per rule column."
         p = seg_min(jnp.where(m_ExR, pos_E[:, None], _BIG), seg_E, n)
@@ -348,8 +358,8 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
     # stays: admissions and discharges numbered across the chunk; the k-th of a record pairs with its k-th
     def numbered(m):
         c = jnp.cumsum(m) - m
-        gi = jnp.where(m, c, E)  # global number of each flagged event
-        return (gi, seg_min(jnp.where(m, tg_E, _BIG), gi, E + 1), seg_min(pos_E, gi, E + 1),
+        gi = jnp.where(m, c, A)  # global number of each flagged event
+        return (gi, seg_min(jnp.where(m, tg_E, _BIG), gi, A + 1), seg_min(pos_E, gi, A + 1),
                 c[start_E], per_rec(seg_sum, m.astype(jnp.int32)))
     is_adm, is_dis = tab["adm"][code_E] & valid_E, tab["dis"][code_E] & valid_E
     adm_i, adm_g, adm_p, adm0, n_adm = numbered(is_adm)  # adm0: admissions before the record; n_adm: the record's
@@ -357,10 +367,10 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
     ca = jnp.cumsum(is_adm)
     k_E = jnp.where(timed_E, seg_max(ca, tg_E, E + 1)[tg_E] - 1, -1)  # last admission at or before the event's time
     kl_E = k_E - adm0  # its rank within the record
-    kc_E = jnp.clip(k_E, 0, E)
-    dc_E = jnp.clip(dis0 + kl_E, 0, E)
+    kc_E = jnp.clip(k_E, 0, A)
+    dc_E = jnp.clip(dis0 + kl_E, 0, A)
     inv_E = timed_E & (kl_E >= 0) & (kl_E < n_dis) & (adm_g[kc_E] <= gid_E) & (gid_E <= dis_g[dc_E])
-    stay_E = jnp.where(inv_E, k_E, E)
+    stay_E = jnp.where(inv_E, k_E, A)
     checked, vio = jnp.zeros(R + 1, jnp.int32), []  # checked[R]: where the empty slots count
     at_start = (pos_E == start_E)[:, None]
     def once_per_rec(c_ExR): return jnp.where(at_start, c_ExR, 0)  # a per-record count, placed at its first row
@@ -377,21 +387,21 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
         return r, (r >= 0) & valid_E[:, None]
     par = lambda x, r_ExK: jnp.asarray(x)[jnp.maximum(r_ExK, 0)]  # a rule parameter at each slot
     def first_in_stay(s, r_ExK, m_ExK):
-        "The first slot of each (stay, rule) among m_ExK: a scatter-min of positions into [E + 1, rules of the group]."
+        "The first slot of each (stay, rule) among m_ExK: a scatter-min of positions into [A + 1, rules of the group]."
         w = s.stop - s.start
         col = jnp.clip(r_ExK - s.start, 0, w - 1)
-        p = jnp.full((E + 1, w), _BIG, jnp.int32).at[jnp.where(m_ExK, stay_E[:, None], E), col].min(jnp.broadcast_to(pos_E[:, None], m_ExK.shape))
+        p = jnp.full((A + 1, w), _BIG, jnp.int32).at[jnp.where(m_ExK, stay_E[:, None], A), col].min(jnp.broadcast_to(pos_E[:, None], m_ExK.shape))
         return m_ExK & (p[stay_E[:, None], col] == pos_E[:, None])
     def stay_labs(g, r_ExK):
         "Per (stay, lab of the group's rules): count, highest and lowest value, read at slots r_ExK (one scatter slot per lab event)."
         J = max(len(rt.derived["labs:" + g]), 1)
         j_E = tab["J:" + g][code_E]
         m_E = (j_E >= 0) & inv_E
-        at = jnp.where(m_E, stay_E * J + j_E, E * J)
+        at = jnp.where(m_E, stay_E * J + j_E, A * J)
         fin = m_E & ~jnp.isnan(val_E)
         i = stay_E[:, None] * J + par(rt.derived["lab_of:" + g], r_ExK)
-        return (jnp.zeros((E + 1) * J, jnp.int32).at[at].add(1)[i], jnp.full((E + 1) * J, -jnp.inf).at[at].max(jnp.where(fin, val_E, -jnp.inf))[i],
-                jnp.full((E + 1) * J, jnp.inf).at[at].min(jnp.where(fin, val_E, jnp.inf))[i])
+        return (jnp.zeros((A + 1) * J, jnp.int32).at[at].add(1)[i], jnp.full((A + 1) * J, -jnp.inf).at[at].max(jnp.where(fin, val_E, -jnp.inf))[i],
+                jnp.full((A + 1) * J, jnp.inf).at[at].min(jnp.where(fin, val_E, jnp.inf))[i])
     def passes(r_ExK, top, low):
         "Some value of the stay passes rule r's test: for <, <= the lowest does, for >, >= the highest."
         op, v = par(P["op"], r_ExK), par(P["value"], r_ExK)
@@ -414,7 +424,7 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
             first = first_in_stay(s, ra, ma & inv_E[:, None])
             rb, mb = slots("B:visit")  # the rules without a lab: one of their other codes in the stay
             w = s.stop - s.start
-            hb = jnp.zeros((E + 1, w), jnp.int8).at[jnp.where(mb & inv_E[:, None], stay_E[:, None], E), jnp.clip(rb - s.start, 0, w - 1)].max(jnp.int8(1))
+            hb = jnp.zeros((A + 1, w), jnp.int8).at[jnp.where(mb & inv_E[:, None], stay_E[:, None], A), jnp.clip(rb - s.start, 0, w - 1)].max(jnp.int8(1))
             _, top, low = stay_labs(g, ra)  # the rules with a lab: a value of it in the stay passes the test
             hit = jnp.where(par(P["has_lab"], ra), passes(ra, top, low), hb[stay_E[:, None], jnp.clip(ra - s.start, 0, w - 1)] > 0)
             slotted(ra, first, first & jnp.where(par(P["kind"] == "implies_code", ra), ~hit, hit))
@@ -451,22 +461,22 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
             elif g == "last":
                 at = a & timed_E[:, None]
                 d = per_rec(seg_min, jnp.where(at, gid_E[:, None], _BIG))
-                out(once_per_rec(per_rec(seg_max, at.astype(jnp.int8))), first_per(timed_E[:, None] & (gid_E[:, None] > d), rec_E, E))
+                out(once_per_rec(per_rec(seg_max, at.astype(jnp.int8))), first_per(timed_E[:, None] & (gid_E[:, None] > d), rec_E, A + 1))
             elif g == "same_time":
                 has = seg_max((b & timed_E[:, None]).astype(jnp.int8), tg_E, E + 1)[tg_E] > 0
                 out(a, a & ~(timed_E[:, None] & has))
             elif g == "stay":  # each admission, and each discharge beyond the record's admissions, is a stay
                 kd = dis_i - dis0  # a discharge's rank within the record
                 has_dis = is_adm & (adm_i - adm0 < n_dis)
-                dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, E)]
-                nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, E)], _BIG)
+                dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, A)]
+                nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, A)], _BIG)
                 ok = has_dis & timed_E & (dg > gid_E) & (dg <= nxt)
                 unit = is_adm | (is_dis & (kd >= n_adm))
                 bad = unit & ~ok
                 w = s.stop - s.start
                 out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
             elif g == "overlap":  # each admission after the record's first
-                prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, E)]
+                prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, A)]
                 unit = is_adm & (adm_i - adm0 >= 1)
                 bad = unit & ~((adm_i - adm0 - 1 < n_dis) & timed_E & (gid_E >= prev_dg))
                 w = s.stop - s.start
@@ -474,14 +484,14 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
             elif g == "within_visit":
                 out(a, a & ~inv_E[:, None])
             elif g == "once":
-                f1 = first_per(a, rec_E, E)
-                out(once_per_rec(per_rec(seg_max, a.astype(jnp.int8))), first_per(a & ~f1, rec_E, E))  # the record's second
+                f1 = first_per(a, rec_E, A + 1)
+                out(once_per_rec(per_rec(seg_max, a.astype(jnp.int8))), first_per(a & ~f1, rec_E, A + 1))  # the record's second
             elif g == "none_after":
                 ai = a & inv_E[:, None]
                 v0 = per_rec(seg_min, jnp.where(ai, k_E[:, None], _BIG))
                 g0 = per_rec(seg_min, jnp.where(ai, gid_E[:, None], _BIG))
                 later = b & jnp.where(inv_E[:, None], k_E[:, None] > v0, timed_E[:, None] & (gid_E[:, None] > g0)) & (v0 < _BIG)
-                out(once_per_rec(v0 < _BIG), first_per(later, rec_E, E))
+                out(once_per_rec(v0 < _BIG), first_per(later, rec_E, A + 1))
             elif g == "min_gap":
                 at = a & timed_E[:, None]
                 fr = first_per(at, jnp.where(timed_E, tg_E, E), E + 1)  # first flagged event of each time group

@@ -9,8 +9,8 @@ import pytest
 
 from synehr.data import BIRTH, DEATH, EVENT_SCHEMA
 from synehr.demo import prefixes, simulate_cohort
-from synehr.rules import (SCORES_SCHEMA, VIOLATIONS_SCHEMA, AuditError, ERROR_FACTOR, audit_rule_table, audit_rules,
-                          icd10cm_rules)
+from synehr.rules import (SCORES_SCHEMA, VIOLATIONS_SCHEMA, AuditError, ERROR_FACTOR, _cap, audit_rule_table, audit_rules,
+                          chunks, icd10cm_rules, pack_events)
 
 T0 = datetime(2020, 1, 1, 8, 0)
 RULES = audit_rule_table()
@@ -225,6 +225,23 @@ def test_warnings_do_not_fail_a_record(pairs):
     row = audit.scores.filter(pl.col("subject_id") == bad)
     assert row["passed"][0] and 9 < row["score"][0] < 10
 
+
+
+def test_chunk_size_does_not_change_the_verdict(pairs):
+    "Chunks bound records and stays (the kernel's per-record and per-stay tables are sized by them): any chunking, same audit."
+    _, ev, _ = pairs
+    many = Timeline([(10 * k + 1, "ICD10CM/R69", None) for k in range(40)], stays=[(10 * k, 10 * k + 4) for k in range(40)])
+    ev = pl.concat([ev, many.complete().frame(9100)])
+    p = pack_events(ev)
+    for n in (64, 256):
+        parts = chunks(p, n)
+        assert all(j - i <= _cap(E) and p.n_adm[i:j].sum() <= _cap(E) and p.offsets[j] - p.offsets[i] <= E for i, j, E in parts)
+        assert max(E for *_, E in parts) >= 16 * 40  # the 40-stay record: alone, in a chunk big enough for its stays
+    ref = audit_rules(ev)
+    assert ref.per_record.filter(pl.col("subject_id") == 9100)["n_error"].item() == 0
+    for n in (64, 256):
+        a = audit_rules(ev, chunk_events=n)
+        assert a.violations.equals(ref.violations) and a.totals.equals(ref.totals) and a.scores.equals(ref.scores)
 
 @pytest.fixture(scope="module")
 def demo():
