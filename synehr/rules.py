@@ -25,7 +25,8 @@ from .demo import DATA_DIR, RULE_SCHEMA, TEMPORAL, FORMULAS, load_rules, prefixe
 __all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'PER_CHUNK', 'GROUPS', 'ERROR_FACTOR', 'WARNING_FACTOR',
            'VIOLATIONS_SCHEMA', 'PER_RECORD_SCHEMA', 'TOTALS_SCHEMA', 'empty_scores', 'derive_icd10cm_rules',
            'icd10cm_rules', 'audit_rule_table', 'write_icd10cm_rules', 'AuditError', 'check_events', 'Packed',
-           'pack_events', 'chunks', 'chunk_arrays', 'RuleTensors', 'compile_rules', 'RuleAudit', 'audit_rules']
+           'record_offsets', 'pack_events', 'chunks', 'chunk_arrays', 'RuleTensors', 'compile_rules', 'RuleAudit',
+           'audit_rules']
 
 # %% ../nbs/09a_rules.ipynb #620d55a4
 SCORES_SCHEMA = {"subject_id": pl.Int64, "judge": pl.String, "score": pl.Float64, "passed": pl.Boolean,
@@ -168,44 +169,61 @@ class Packed:
     age: np.ndarray            # [E] whole years at the event; -1 where unknown (no birth, or a null time)
     n_adm: np.ndarray          # [S] stays per record (the more of admissions and discharges)
 
-def pack_events(events: pl.DataFrame | pl.LazyFrame) -> Packed:
+def record_offsets(sid: np.ndarray) -> np.ndarray:
+    "[S + 1] the first row of each record in subject ids sorted by record, then the number of rows."
+    n = len(sid)
+    starts = np.ones(n, bool)
+    if n: starts[1:] = sid[1:] != sid[:-1]
+    return np.r_[np.flatnonzero(starts), n]
+
+def _pack_block(t: np.ndarray, code: np.ndarray, lo: np.ndarray, luts: dict, tg0: int) -> tuple:
+    "Time group (from tg0), seconds, age of each event and sex, stays of each record, for whole records: times t, code indexes, record starts lo."
+    n, S, big = len(t), len(lo) - 1, np.iinfo(np.int64).max
+    starts = np.zeros(n, bool); starts[lo[:-1]] = True
+    si = np.cumsum(starts, dtype=np.int32) - 1
+    timed = t != _NULL_T
+    new = starts.copy()
+    new[1:] |= t[1:] != t[:-1]
+    tgroup = np.cumsum(new & timed, dtype=np.int32) + np.int32(tg0 - 1)
+    tgroup[~timed] = -1
+    is_birth = luts["birth"][code]
+    origin = np.minimum.reduceat(np.where(timed & ~is_birth, t, big), lo[:-1])  # each record's first timed event (records are never empty)
+    birth = np.minimum.reduceat(np.where(timed & is_birth, t, big), lo[:-1])
+    has_o, has_b = origin[si] != big, birth[si] != big
+    sec = np.where(timed & has_o, (t - np.where(has_o, origin[si], 0)) // 1_000_000, 0)
+    sec = np.clip(sec, -_BIG, _BIG).astype(np.int32)
+    age = np.where(timed & has_b, np.floor((t - np.where(has_b, birth[si], 0)) / _YEAR_US), -1).astype(np.int32)
+    sex = np.zeros(S, np.int8)
+    f = np.flatnonzero(luts["sex"][code])
+    f = f[np.r_[True, si[f][1:] != si[f][:-1]]] if len(f) else f  # the first SEX row of each record
+    sex[si[f]] = np.where(luts["female"][code[f]], 1, 2)
+    n_adm = np.maximum(np.bincount(si[luts["adm"][code]], minlength=S), np.bincount(si[luts["dis"][code]], minlength=S))
+    return tgroup, sec, age, sex, n_adm, int(tgroup.max(initial=tg0 - 1)) + 1
+
+def pack_events(events: pl.DataFrame | pl.LazyFrame,
+                checked: bool = False, # `events` come from `check_events` already
+                rows: int = 1 << 20, # events computed at a time (whole records; numpy's temporaries stay small)
+               ) -> Packed:
     "Check and sort the events, index their codes and compute each event's rank, seconds and age (host side, 64-bit)."
-    df = check_events(events)
+    df = events if checked else check_events(events)
     codes = df["code"].unique().sort()
     code = df["code"].cast(pl.Enum(codes)).to_physical().cast(pl.Int32).to_numpy()  # its rank among the codes
     sid = df["subject_id"].to_numpy()
     t = df["time"].to_physical().fill_null(_NULL_T).to_numpy()
-    n = len(df)
-    starts = np.ones(n, bool)
-    if n: starts[1:] = sid[1:] != sid[:-1]
-    offs = np.r_[np.flatnonzero(starts), n]
-    si = np.cumsum(starts) - 1
-    timed = t != _NULL_T
-    new = starts.copy()
-    if n: new[1:] |= t[1:] != t[:-1]
-    tgroup = np.cumsum(new & timed) - 1
-    tgroup[~timed] = -1
+    n, offs = len(df), record_offsets(sid)
+    S = len(offs) - 1
     cl = codes.to_list()
     def lut(pred): return np.array([pred(x) for x in cl] or [False], bool)
-    is_birth = lut(lambda x: x == BIRTH)[code] if n else np.zeros(0, bool)
-    S = len(offs) - 1
-    def per_subject_min(x):
-        out = np.full(S, np.iinfo(np.int64).max)
-        np.minimum.at(out, si, x)
-        return out
-    origin = per_subject_min(np.where(timed & ~is_birth, t, np.iinfo(np.int64).max))
-    birth = per_subject_min(np.where(timed & is_birth, t, np.iinfo(np.int64).max))
-    has_o, has_b = origin[si] != np.iinfo(np.int64).max, birth[si] != np.iinfo(np.int64).max
-    sec = np.where(timed & has_o, (t - np.where(has_o, origin[si], 0)) // 1_000_000, 0)
-    sec = np.clip(sec, -_BIG, _BIG).astype(np.int32)
-    age = np.where(timed & has_b, np.floor((t - np.where(has_b, birth[si], 0)) / _YEAR_US), -1).astype(np.int32)
-    sx = lut(lambda x: x in ("SEX/F", "SEX/M"))[code] if n else np.zeros(0, bool)
-    sex = np.zeros(S, np.int8)
-    f = np.flatnonzero(sx)
-    f = f[np.r_[True, si[f][1:] != si[f][:-1]]] if len(f) else f  # the first SEX row of each record
-    sex[si[f]] = np.where(np.asarray(cl, dtype=object)[code[f]] == "SEX/F", 1, 2)
-    adm, dis = lut(lambda x: x.startswith("ADMISSION/"))[code], lut(lambda x: x.startswith("DISCHARGE/"))[code]
-    n_adm = np.maximum(np.bincount(si[adm], minlength=S), np.bincount(si[dis], minlength=S)) if n else np.zeros(S, int)
+    luts = {"birth": lut(lambda x: x == BIRTH), "sex": lut(lambda x: x in ("SEX/F", "SEX/M")), "female": lut(lambda x: x == "SEX/F"),
+            "adm": lut(lambda x: x.startswith("ADMISSION/")), "dis": lut(lambda x: x.startswith("DISCHARGE/"))}
+    tgroup, sec, age = np.full(n, -1, np.int32), np.zeros(n, np.int32), np.full(n, -1, np.int32)
+    sex, n_adm = np.zeros(S, np.int8), np.zeros(S, np.int64)
+    i, tg0 = 0, 0
+    while i < S:  # blocks of whole records, about `rows` events each
+        j = min(S, max(i + 1, int(np.searchsorted(offs, offs[i] + rows, side="right")) - 1))
+        a, b = offs[i], offs[j]
+        tgroup[a:b], sec[a:b], age[a:b], sex[i:j], n_adm[i:j], tg0 = _pack_block(t[a:b], code[a:b], offs[i:j + 1] - a, luts, tg0)
+        i = j
     value = df["numeric_value"].fill_null(np.nan).to_numpy().astype(np.float32)
     return Packed(df, cl, sid[offs[:-1]], offs, sex, code.astype(np.int32), tgroup, sec, value, age, n_adm)
 
@@ -574,16 +592,27 @@ class RuleAudit:
                 f"of {len(self.totals)} rules; {self.seconds:.2f} s ({n / max(self.seconds, 1e-9):,.0f} records/s)\n\n"
                 + (_md_table(bad) if len(bad) else "No violations."))
 
-def _grammar(df: pl.DataFrame, vocab) -> pl.DataFrame:
+def _grammar(df: pl.DataFrame, vocab, # the checked events and the vocabulary (None: fitted on them)
+             offsets: np.ndarray | None = None, # [S + 1] first row of each record (`Packed.offsets`)
+             rows: int = 1 << 20, # events encoded at a time (whole records)
+            ) -> pl.DataFrame:
     "Records the tokenizer cannot encode or whose tokens break its grammar -> subject_id, detail."
     from synehr.tokenizer import encode, check_sequences, fit_vocab
     from synehr.cohort import fit_lab_stats
     ev = df.with_columns(pl.lit(None, pl.String).alias("text_value"))
     if vocab is None: vocab = fit_vocab(ev, fit_lab_stats(ev))
-    enc = encode(ev.with_columns(pl.col("code").cast(pl.Categorical)), vocab)  # categorical codes: each distinct code looked up once
-    bad = enc.filter(pl.col("problem").is_not_null()).select("subject_id", detail=pl.col("problem"))
-    seq = check_sequences(enc.filter(pl.col("token_ids").is_not_null()).select("subject_id", "token_ids"), vocab)
-    return pl.concat([bad, seq.select("subject_id", detail="grammar: " + pl.col("reason"))]).unique("subject_id", keep="first")
+    def one(part):
+        enc = encode(part.with_columns(pl.col("code").cast(pl.Categorical)), vocab)  # categorical codes: each distinct code looked up once
+        bad = enc.filter(pl.col("problem").is_not_null()).select("subject_id", detail=pl.col("problem"))
+        seq = check_sequences(enc.filter(pl.col("token_ids").is_not_null()).select("subject_id", "token_ids"), vocab)
+        return pl.concat([bad, seq.select("subject_id", detail="grammar: " + pl.col("reason"))]).unique("subject_id", keep="first", maintain_order=True)
+    # a million events at a time: numpy's temporaries stay a few MB (reused, cached), not fresh 100 MB pages; 2.2x faster at 20M
+    offsets = np.asarray([0, len(ev)] if offsets is None else offsets)
+    parts, i, S = [], 0, len(offsets) - 1
+    while i < S or not parts:
+        j = min(S, max(i + 1, int(np.searchsorted(offsets, offsets[i] + rows, side="right")) - 1))
+        parts.append(one(ev[int(offsets[i]):int(offsets[j])])); i = j
+    return pl.concat(parts)
 
 def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subjects (real or synthetic)
                 rules: pl.DataFrame | str | Path | None = None, # rule table (the kit's data/clinical_rules.csv by default)
@@ -594,9 +623,10 @@ def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subj
                ) -> RuleAudit:
     "Audit every record against every rule: scores (judge contract), violations with their events, per-record counts, totals."
     t0 = _time.perf_counter()
-    p = pack_events(events)
-    pool = ThreadPoolExecutor(1) if grammar else None  # the grammar check (numpy, polars) runs while the kernel does
-    gram = pool.submit(_grammar, p.events, vocab) if grammar else None
+    df = check_events(events)
+    pool = ThreadPoolExecutor(1) if grammar else None  # the grammar check (numpy, polars) runs while the packing and the kernel do
+    gram = pool.submit(_grammar, df, vocab, record_offsets(df["subject_id"].to_numpy())) if grammar else None
+    p = pack_events(df, checked=True)
     table = audit_rule_table(rules, icd10cm)
     rt = compile_rules(table, p.codes)
     C = _pow2(len(p.codes) + 1, 256)
