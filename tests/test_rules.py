@@ -226,7 +226,6 @@ def test_warnings_do_not_fail_a_record(pairs):
     assert row["passed"][0] and 9 < row["score"][0] < 10
 
 
-
 def test_chunk_size_does_not_change_the_verdict(pairs):
     "Chunks bound records and stays (the kernel's per-record and per-stay tables are sized by them): any chunking, same audit."
     _, ev, _ = pairs
@@ -242,6 +241,7 @@ def test_chunk_size_does_not_change_the_verdict(pairs):
     for n in (64, 256):
         a = audit_rules(ev, chunk_events=n)
         assert a.violations.equals(ref.violations) and a.totals.equals(ref.totals) and a.scores.equals(ref.scores)
+
 
 @pytest.fixture(scope="module")
 def demo():
