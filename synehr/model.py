@@ -18,10 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .core import ConfigError, check_field_types, strict_from_dict
 
 # %% auto #0
-__all__ = ['BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'write_kv', 'gqa_cached',
-           'dense2d', 'Attention', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params',
-           'next_token_loss', 'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch',
-           'replicate']
+__all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'write_kv',
+           'gqa_cached', 'gqa_decode', 'dense2d', 'Attention', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion',
+           'Decoder', 'count_params', 'next_token_loss', 'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step',
+           'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -207,23 +207,78 @@ def gqa_cached(q_BxTxHxDh, # T new queries (already rotated)
     G, dt, lo = H // K, q_BxTxHxDh.dtype, jnp.finfo(jnp.float32).min
     q_BxKxMxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
     kn_BxKxTxDh, vn_BxKxTxDh = k_BxTxKxDh.transpose(0, 2, 1, 3), v_BxTxKxDh.transpose(0, 2, 1, 3)
-    ck, cv = ck_BxKxDhxS.astype(dt), cv_BxKxSxDh.astype(dt)
-    if T == 1:  # decoding: M = G queries per row and head, too few for a GEMM; multiply-and-reduce loops stream the
-        # cache at memory speed (keys reduced over Dh, the non-minor axis, so the slots stay vectorised), and the
-        # barriers keep XLA from fusing the softmax into the reductions (recomputing exp for every channel)
-        s_old = jnp.sum(q_BxKxMxDh[..., None].astype(jnp.float32) * ck[:, :, None], axis=-2)
-        s_old = jax.lax.optimization_barrier(s_old)
-    else: s_old = jnp.einsum("bkmd,bkds->bkms", q_BxKxMxDh, ck, preferred_element_type=jnp.float32)
+    s_old = jnp.einsum("bkmd,bkds->bkms", q_BxKxMxDh, ck_BxKxDhxS.astype(dt), preferred_element_type=jnp.float32)
     s_new = jnp.einsum("bkmd,bknd->bkmn", q_BxKxMxDh, kn_BxKxTxDh, preferred_element_type=jnp.float32)
     s_old = jnp.where(mask_old_BxTxS[:, None, None], s_old.reshape(B, K, G, T, S) / math.sqrt(Dh), lo)
     s_new = jnp.where(mask_new_BxTxT[:, None, None], s_new.reshape(B, K, G, T, T) / math.sqrt(Dh), lo)
     p_BxKxGxTxN = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(dt)
-    if T == 1: p_BxKxGxTxN = jax.lax.optimization_barrier(p_BxKxGxTxN)
     p_old_BxKxMxS, p_new_BxKxMxT = (p.reshape(B, K, G * T, -1) for p in (p_BxKxGxTxN[..., :S], p_BxKxGxTxN[..., S:]))
-    if T == 1: o_old = jnp.sum(p_old_BxKxMxS[..., None] * cv[:, :, None], axis=-2)  # reduced over the slots, channels minor
-    else: o_old = jnp.einsum("bkms,bksd->bkmd", p_old_BxKxMxS, cv)
-    o_BxKxMxDh = o_old + jnp.einsum("bkmn,bknd->bkmd", p_new_BxKxMxT, vn_BxKxTxDh)
+    o_BxKxMxDh = jnp.einsum("bkms,bksd->bkmd", p_old_BxKxMxS, cv_BxKxSxDh.astype(dt)) + jnp.einsum("bkmn,bknd->bkmd", p_new_BxKxMxT, vn_BxKxTxDh)
     return o_BxKxMxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+
+SLOT_BLOCK = 64 # cache slots per block in `gqa_decode`
+
+def _block_attend(q_CxKxGxDh, # float32 queries of C rows
+                  ck_CxKxDhxN, # their keys in one block of N slots
+                  cv_CxKxNxDh, # their values
+                  ok_CxN, # True where a row may attend to a slot
+                 ):
+    "Softmax pieces of one block of slots: the max score [C, K, G], the sum of exp(score - max) and the exp-weighted values [C, K, G, Dh]."
+    lo, ok_Cx1x1xN = jnp.finfo(jnp.float32).min, ok_CxN[:, None, None]
+    # multiply-and-reduce, not a GEMM (G queries per row and head are too few): keys reduced over Dh, the non-minor axis,
+    # so the slots stay vectorised; the barriers keep XLA from fusing exp into the reductions (recomputing it per channel)
+    s_CxKxGxN = jnp.sum(q_CxKxGxDh[..., None] * ck_CxKxDhxN[:, :, None].astype(jnp.float32), axis=-2) / math.sqrt(q_CxKxGxDh.shape[-1])
+    s_CxKxGxN = jnp.where(ok_Cx1x1xN, jax.lax.optimization_barrier(s_CxKxGxN), lo)
+    m_CxKxG = s_CxKxGxN.max(-1)
+    e_CxKxGxN = jax.lax.optimization_barrier(jnp.where(ok_Cx1x1xN, jnp.exp(s_CxKxGxN - m_CxKxG[..., None]), 0.0))
+    return m_CxKxG, e_CxKxGxN.sum(-1), jnp.sum(e_CxKxGxN[..., None] * cv_CxKxNxDh[:, :, None].astype(jnp.float32), axis=-2)
+
+def _merge_softmax(a, b):
+    "The softmax pieces of two disjoint sets of keys as those of their union (each rescaled to the larger max)."
+    (m1, l1, o1), (m2, l2, o2) = a, b
+    m = jnp.maximum(m1, m2)
+    x1, x2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
+    return m, l1 * x1 + l2 * x2, o1 * x1[..., None] + o2 * x2[..., None]
+
+def gqa_decode(q_Bx1xHxDh, # one new query per row (already rotated)
+               ck_LxBxKxDhxS, # the keys of the whole cache, every layer (`KVCache.k`)
+               cv_LxBxKxSxDh, # its values (`KVCache.v`)
+               layer, # [] int32: this layer's index into the cache
+               k_Bx1xKxDh, # the new key of each row (already rotated), not yet in the cache
+               v_Bx1xKxDh, # the new value
+               ok_BxS, # True where a row may attend to a cache slot (filled, same segment)
+               ok_B, # True where a row may attend to its new key (not padding)
+               block: int = SLOT_BLOCK, # slots per block
+              ):
+    "`gqa_cached` for one new token per row, reading each block of cache slots only for the rows with filled slots in it."
+    B, _, H, Dh = q_Bx1xHxDh.shape
+    K, S = ck_LxBxKxDhxS.shape[2], ck_LxBxKxDhxS.shape[4]
+    G, lo = H // K, jnp.finfo(jnp.float32).min
+    q_BxKxGxDh = q_Bx1xHxDh.reshape(B, K, G, Dh).astype(jnp.float32)
+    empty = (jnp.full((B, K, G), lo), jnp.zeros((B, K, G)), jnp.zeros((B, K, G, Dh)))
+    s_BxKxG = jnp.einsum("bkgd,bkd->bkg", q_BxKxGxDh, k_Bx1xKxDh[:, 0].astype(jnp.float32)) / math.sqrt(Dh)
+    ok_Bx1x1 = ok_B[:, None, None]
+    acc = (jnp.where(ok_Bx1x1, s_BxKxG, lo), ok_Bx1x1 * jnp.ones((B, K, G)),  # the new key: a block of one slot
+           jnp.where(ok_Bx1x1[..., None], v_Bx1xKxDh[:, 0, :, None].astype(jnp.float32), 0.0))
+    caps = sorted({0, B} | {max(1, B >> i) for i in (1, 2, 3)})  # rows read per block: the smallest of these that holds them
+    for a in range(0, S, block):
+        N = min(block, S - a)
+        ok_BxN = ok_BxS[:, a:a + N]
+        need_B = ok_BxN.any(-1)
+        def read(C, a=a, N=N, ok_BxN=ok_BxN, need_B=need_B):
+            if C == 0: return lambda: empty
+            if C == B: return lambda: _block_attend(q_BxKxGxDh, jax.lax.dynamic_slice(ck_LxBxKxDhxS, (layer, 0, 0, 0, a), (1, B, K, Dh, N))[0],
+                                                    jax.lax.dynamic_slice(cv_LxBxKxSxDh, (layer, 0, 0, a, 0), (1, B, K, N, Dh))[0], ok_BxN)
+            def some():  # gather the rows that need the block (B marks an unused place), attend, scatter back
+                rows_C = jnp.nonzero(need_B, size=C, fill_value=B)[0]
+                r_C = jnp.minimum(rows_C, B - 1)
+                parts = _block_attend(q_BxKxGxDh[r_C], ck_LxBxKxDhxS[layer, r_C, :, :, a:a + N], cv_LxBxKxSxDh[layer, r_C, :, a:a + N],
+                                      ok_BxN[r_C] & (rows_C < B)[:, None])
+                return tuple(e.at[rows_C].set(p, mode="drop") for e, p in zip(empty, parts))
+            return some
+        acc = _merge_softmax(acc, jax.lax.switch(jnp.searchsorted(jnp.asarray(caps), need_B.sum()), [read(C) for C in caps]))
+    m_BxKxG, l_BxKxG, o_BxKxGxDh = acc
+    return (o_BxKxGxDh / jnp.maximum(l_BxKxG, 1e-30)[..., None]).reshape(B, 1, H, Dh).astype(q_Bx1xHxDh.dtype)
 
 def dense2d(f, x_Nx_xD):
     "A linear map `f` over the last axis, applied to x flattened to 2D: one plain GEMM forward and backward (XLA's CPU backward is much slower when the weight gradient contracts over batch and time as two axes)."
@@ -242,7 +297,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD, positions_BxT,
                  mask, # [B, T, T] without a cache; with one, (mask over its slots [B, T, S], mask over the new keys [B, T, T])
-                 cache=None, # (keys [B, K, Dh, S], values [B, K, S, Dh]) of this layer's cache, or None
+                 cache=None, # (keys [L, B, K, Dh, S], values [L, B, K, S, Dh], this layer's index) of the whole cache, or None
                  key=None):
         c = self.cfg
         B, T, _ = x_BxTxD.shape
@@ -250,7 +305,8 @@ class Attention(nnx.Module):
         k_BxTxKxDh = rope(dense2d(self.k, x_BxTxD).reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
         v_BxTxKxDh = dense2d(self.v, x_BxTxD).reshape(B, T, c.K, c.Dh)
         if cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key)
-        else: o_BxTxHxDh = gqa_cached(q_BxTxHxDh, *cache, k_BxTxKxDh, v_BxTxKxDh, *mask)  # sampling: no dropout
+        elif T == 1: o_BxTxHxDh = gqa_decode(q_BxTxHxDh, *cache, k_BxTxKxDh, v_BxTxKxDh, mask[0][:, 0], mask[1][:, 0, 0])  # sampling: no dropout
+        else: o_BxTxHxDh = gqa_cached(q_BxTxHxDh, cache[0][cache[2]], cache[1][cache[2]], k_BxTxKxDh, v_BxTxKxDh, *mask)
         return dense2d(self.o, o_BxTxHxDh.reshape(B, T, c.H * c.Dh)), (k_BxTxKxDh, v_BxTxKxDh)
 
 # %% ../nbs/05_model.ipynb #da292561
@@ -334,21 +390,20 @@ class Decoder(nnx.Module):
         return _dropout(h_BxTxD, self.cfg.dropout, key)
 
     def forward(self, h_BxTxD, positions_BxT, mask, cache=None, key=None):
-        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` and `cache` as in `Attention`, with a leading layer axis L."
+        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` as in `Attention` (with a cache: the masks over its slots and over the new keys), `cache` = (keys, values) of `KVCache`."
         c = self.cfg
-        def layer(h_BxTxD, block, i, ck_BxKxDhxS, cv_BxKxSxDh):
+        def layer(h_BxTxD, block, i):
             k = None if key is None else jax.random.fold_in(key, i)
-            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (ck_BxKxDhxS, cv_BxKxSxDh), k)
+            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (*cache, i), k)
             return h_BxTxD, (kv if cache is not None else None)
         if c.remat: layer = nnx.remat(layer, graph=False)
-        ck_LxBxKxDhxS, cv_LxBxKxSxDh = (None, None) if cache is None else cache
         if c.scan_layers or cache is not None:  # one compiled layer body: fast compiles, and the faster KV-cached decode
-            h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(
-                h_BxTxD, self.layers, jnp.arange(c.L), ck_LxBxKxDhxS, cv_LxBxKxSxDh)
+            # (the cache goes in whole, with the layer's index: scanned over, each layer's slice would be copied every step)
+            h_BxTxD, kv = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), graph=False)(h_BxTxD, self.layers, jnp.arange(c.L))
         else:  # training (no cache): the layers unrolled, each a static slice of the stacked parameters (faster steps on CPU)
             graphdef, stacked = nnx.split(self.layers)
             for i in range(c.L):
-                h_BxTxD, kv = layer(h_BxTxD, nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)), i, None, None)
+                h_BxTxD, kv = layer(h_BxTxD, nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)), i)
         h_BxTxD = self.norm(h_BxTxD)
         logits_BxTxV = dense2d(self.embed.attend if self.head is None else self.head, h_BxTxD)
         return logits_BxTxV.astype(jnp.float32), kv
