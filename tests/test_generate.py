@@ -1,4 +1,10 @@
 """Sampling under the grammar: batch == one by one, grammar of every record, greedy == a cache-free reference, resume, MEDS out."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
 import numpy as np
 import polars as pl
 import pytest
@@ -14,15 +20,27 @@ from synehr.model import Decoder, ModelConfig
 from synehr.tokenizer import END_RECORD, PAD, START_RECORD, Grammar, check_sequences, fit_vocab, read_tokens, write_tokens
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gen")
+def build(d):
+    "A 120-subject demo cohort, its vocabulary and tokens under d, and a tiny seeded decoder: the same everywhere."
     cfg = RunConfig(run_dir=str(d))
     build_cohort(write_demo_cohort(d / "input", 120, seed=0), d / "cohort", cfg)
     vocab = fit_vocab(d / "cohort", cfg=cfg)
     write_tokens(d / "cohort", d / "tokens", vocab, cfg)
     model = Decoder(ModelConfig.tiny(V=len(vocab), T=160), rngs=nnx.Rngs(make_key(0, "model")))
     return d, vocab, model, read_tokens(d / "tokens", "train")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory): return build(tmp_path_factory.mktemp("gen"))
+
+
+def generated_on_all_devices(d):
+    "generate() over all devices of this process (sharded batches on several, continuous batching on one) -> the records."
+    _, vocab, model, real = build(d)
+    generate(model, vocab, real_headers(real, vocab, 10, seed=2), d / "raw", seed=3, batch_size=4, part_size=8, max_len=96)
+    out = read_generated(d / "raw").with_columns(n_devices=pl.lit(len(jax.devices())))
+    out.write_parquet(d / "records.parquet")
+    return out
 
 
 def _prefix_ok(seq, vocab):
@@ -162,3 +180,18 @@ def test_stream_equals_batch_and_keeps_rows_busy(setup):
     batched = sum(sample_tokens(model, vocab, prompts[i:i + 4], keys[i:i + 4], max_len=120).steps + len(prompts[i]) for i in (0, 4, 8))
     assert st.steps < batched
     assert not vocab.is_unk[st.tokens].any() and check_sequences([r[r != PAD] for r, f in zip(st.tokens, st.finished) if f], vocab).height == 0
+
+
+def test_generate_same_records_on_1_and_4_devices(tmp_path):
+    "The batch split over 4 devices (sample_tokens on a mesh) samples the very records one device does (continuous batching)."
+    one = generated_on_all_devices(tmp_path / "one")
+    assert one["n_devices"][0] == 1
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    root = Path(__file__).resolve().parents[1]
+    code = f"import sys; sys.path.insert(0, {str(root / 'tests')!r}); import test_generate as t; t.generated_on_all_devices(t.Path({str(tmp_path / 'four')!r}))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    four = pl.read_parquet(tmp_path / "four" / "records.parquet")
+    assert four["n_devices"][0] == 4 and four.height == one.height == 10
+    assert four.drop("n_devices").equals(one.drop("n_devices"))
+    assert one["token_ids"].list.len().n_unique() > 1  # records of different lengths: rows stopped at different steps
