@@ -148,6 +148,12 @@ def hf_batches(ref, vocab, prompts, max_len, seed, rows):
     return tok, fin
 
 
+def seed_regime(ref, vocab, prompts, max_len, seed):
+    "The seed's regime over the records: one transformers generate call per record, the grammar per row in Python."
+    out = [hf_generate(ref, vocab, [p], max_len, seed * 100 + i, seed_processor(vocab, p)) for i, p in enumerate(prompts)]
+    return sum(t for t, _ in out), sum(f for _, f in out)
+
+
 def hf_generate(ref, vocab, prompts, max_len, seed, processor):
     import torch
     from transformers import LogitsProcessorList
@@ -190,26 +196,20 @@ def main(argv=None):
         hf_generate(ref, vocab, headers[:B], 16, 99, hf_processor(vocab, headers[:B]))  # warm up
     rates = {k: [] for k in ("ours", "wide", "hf", "seed")}
     lens = {k: [] for k in rates}
+    def timed(r, key, n, sample):
+        "Run sample() -> (tokens, finished) for n records; record and print its rates."
+        t0 = time.perf_counter(); tok, fin = sample(); dt = time.perf_counter() - t0
+        rates[key].append((n / dt, tok / dt)); lens[key].append(tok / n)
+        print(f"run {r} {key}: {n / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / n:.0f} tokens/record, {fin}/{n} finished", flush=True)
+
     for r in range(n_runs):  # alternate the samplers; each run uses fresh prompts and seeds
         ps = headers[r * N:(r + 1) * N]
-        t0 = time.perf_counter(); tok, fin = ours(model, vocab, ps, L, r, B); dt = time.perf_counter() - t0
-        rates["ours"].append((N / dt, tok / dt)); lens["ours"].append(tok / N)
-        print(f"run {r} ours: {N / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / N:.0f} tokens/record, {fin}/{N} finished", flush=True)
-        pw = headers[len(headers) - (r + 1) * NW:len(headers) - r * NW]  # prompts of their own, from the other end
-        t0 = time.perf_counter(); tok, fin = ours(model, vocab, pw, L, 1000 + r, W); dt = time.perf_counter() - t0
-        rates["wide"].append((NW / dt, tok / dt)); lens["wide"].append(tok / NW)
-        print(f"run {r} ours, {W} rows: {NW / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / NW:.0f} tokens/record, {fin}/{NW} finished", flush=True)
+        pw = headers[len(headers) - (r + 1) * NW:len(headers) - r * NW]  # the wide run's prompts, from the other end
+        timed(r, "ours", N, lambda: ours(model, vocab, ps, L, r, B))
+        timed(r, "wide", NW, lambda: ours(model, vocab, pw, L, 1000 + r, W))
         if ref is None: continue
-        t0 = time.perf_counter(); tok, fin = hf_batches(ref, vocab, ps, L, r, B); dt = time.perf_counter() - t0
-        rates["hf"].append((N / dt, tok / dt)); lens["hf"].append(tok / N)
-        print(f"run {r} hf:   {N / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / N:.0f} tokens/record, {fin}/{N} finished", flush=True)
-        t0, tok, fin = time.perf_counter(), 0, 0
-        for i in range(n_seed):
-            t_, f_ = hf_generate(ref, vocab, ps[i:i + 1], L, r * 100 + i, seed_processor(vocab, ps[i]))
-            tok, fin = tok + t_, fin + f_
-        dt = time.perf_counter() - t0
-        rates["seed"].append((n_seed / dt, tok / dt)); lens["seed"].append(tok / n_seed)
-        print(f"run {r} seed: {n_seed / dt:.2f} patients/s, {tok / dt:.0f} tokens/s, {tok / n_seed:.0f} tokens/record", flush=True)
+        timed(r, "hf", N, lambda: hf_batches(ref, vocab, ps, L, r, B))
+        timed(r, "seed", n_seed, lambda: seed_regime(ref, vocab, ps[:n_seed], L, r))
     med = {k: (median([x[0] for x in v]), median([x[1] for x in v]), median(lens[k])) for k, v in rates.items() if v}
     tag = " (--quick)" if a.quick else ""
     o = med["ours"]

@@ -306,7 +306,9 @@ class Attention(nnx.Module):
         v_BxTxKxDh = dense2d(self.v, x_BxTxD).reshape(B, T, c.K, c.Dh)
         if cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key)
         elif T == 1: o_BxTxHxDh = gqa_decode(q_BxTxHxDh, *cache, k_BxTxKxDh, v_BxTxKxDh, mask[0][:, 0], mask[1][:, 0, 0])  # sampling: no dropout
-        else: o_BxTxHxDh = gqa_cached(q_BxTxHxDh, cache[0][cache[2]], cache[1][cache[2]], k_BxTxKxDh, v_BxTxKxDh, *mask)
+        else:
+            ck_LxBxKxDhxS, cv_LxBxKxSxDh, layer = cache
+            o_BxTxHxDh = gqa_cached(q_BxTxHxDh, ck_LxBxKxDhxS[layer], cv_LxBxKxSxDh[layer], k_BxTxKxDh, v_BxTxKxDh, *mask)
         return dense2d(self.o, o_BxTxHxDh.reshape(B, T, c.H * c.Dh)), (k_BxTxKxDh, v_BxTxKxDh)
 
 # %% ../nbs/05_model.ipynb #da292561

@@ -1,7 +1,4 @@
 """Sampling under the grammar: batch == one by one, grammar of every record, greedy == a cache-free reference, resume, MEDS out."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +14,7 @@ from synehr.demo import write_demo_cohort
 from synehr.generate import (GrammarArrays, allowed_tokens, generate, prompt_states, read_generated, real_headers, row_keys,
                              sample_tokens, stamp_at_discharge, stream_tokens, to_meds)
 from synehr.model import Decoder, ModelConfig
+from _devices import run_on_devices
 from synehr.tokenizer import END_RECORD, PAD, START_RECORD, Grammar, check_sequences, fit_vocab, read_tokens, write_tokens
 
 
@@ -36,6 +34,7 @@ def setup(tmp_path_factory): return build(tmp_path_factory.mktemp("gen"))
 
 def generated_on_all_devices(d):
     "generate() over all devices of this process (sharded batches on several, continuous batching on one) -> the records."
+    d = Path(d)
     _, vocab, model, real = build(d)
     generate(model, vocab, real_headers(real, vocab, 10, seed=2), d / "raw", seed=3, batch_size=4, part_size=8, max_len=96)
     out = read_generated(d / "raw").with_columns(n_devices=pl.lit(len(jax.devices())))
@@ -186,11 +185,7 @@ def test_generate_same_records_on_1_and_4_devices(tmp_path):
     "The batch split over 4 devices (sample_tokens on a mesh) samples the very records one device does (continuous batching)."
     one = generated_on_all_devices(tmp_path / "one")
     assert one["n_devices"][0] == 1
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    root = Path(__file__).resolve().parents[1]
-    code = f"import sys; sys.path.insert(0, {str(root / 'tests')!r}); import test_generate as t; t.generated_on_all_devices(t.Path({str(tmp_path / 'four')!r}))"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_on_devices(4, "test_generate", f"generated_on_all_devices({str(tmp_path / 'four')!r})")
     four = pl.read_parquet(tmp_path / "four" / "records.parquet")
     assert four["n_devices"][0] == 4 and four.height == one.height == 10
     assert four.drop("n_devices").equals(one.drop("n_devices"))

@@ -1,9 +1,5 @@
 """synehr.model: causality, segment isolation, jit, KV cache, remat, knowledge fusion, dtypes, 1 vs 4 devices."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import chex
 import jax
@@ -13,11 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
+from _devices import run_on_devices
 from synehr.core import ConfigError
 from synehr.model import (Decoder, Knowledge, ModelConfig, attention_mask, count_params, data_mesh, decode_step,
                           extend, init_cache, next_token_loss, prefill, replicate, shard_batch)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def packed_batch(lengths, T, V, seed=0, rows=1):
@@ -351,11 +346,7 @@ def sharded_outputs(out_path=None):
 def test_same_logits_on_1_and_4_devices(tmp_path):
     one = sharded_outputs()
     assert one["n_devices"] == 1
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_model as t; "
-            f"t.sharded_outputs({str(tmp_path / 'four.npz')!r})")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_on_devices(4, "test_model", f"sharded_outputs({str(tmp_path / 'four.npz')!r})")
     four = np.load(tmp_path / "four.npz")
     assert int(four["n_devices"]) == 4
     np.testing.assert_allclose(four["logits"], one["logits"], atol=1e-5)

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 from flax import nnx
 
+from _devices import run_on_devices
 from synehr.cohort import build_cohort
 from synehr.core import ConfigError, RunConfig, make_key
 from synehr.demo import write_demo_cohort
@@ -185,11 +186,7 @@ def test_same_losses_on_1_and_4_devices(demo, tmp_path):
     one = device_losses(copy_run(demo[0], tmp_path / "one"))
     assert one["n_devices"] == 1
     four_run = copy_run(demo[0], tmp_path / "four")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_train as t; "
-            f"t.device_losses({str(four_run)!r}, {str(tmp_path / 'four.json')!r})")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_on_devices(4, "test_train", f"device_losses({str(four_run)!r}, {str(tmp_path / 'four.json')!r})")
     four = json.loads((tmp_path / "four.json").read_text())
     assert four["n_devices"] == 4 and len(four["train"]) == 6
     np.testing.assert_allclose(four["train"], one["train"], rtol=2e-5)
