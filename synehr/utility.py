@@ -22,11 +22,11 @@ from .core import get_logger, make_key, make_rng, write_json, write_parquet
 from .data import BIRTH, DEATH
 
 # %% auto #0
-__all__ = ['LOS_EDGES_DAYS', 'LOS_CLASSES', 'TASKS', 'CHAPTERS', 'CHAPTER_STARTS', 'MODELS', 'THREADS_FROM', 'TABLE_SCHEMA',
-           'UtilityError', 'check_events', 'stay_table', 'n_labels', 'icd10_chapters', 'task_samples', 'label_matrix',
-           'fit_lab_edges', 'sample_tokens', 'first_tokens', 'sample_presence', 'FeatureSpace', 'fit_features',
-           'featurize', 'LSTMConfig', 'VisitBiLSTM', 'fit_predict_bilstm', 'fit_predict_sklearn', 'weighted_auc',
-           'bootstrap_weights', 'UtilityReport', 'utility_report', 'plot_utility']
+__all__ = ['LOS_EDGES_DAYS', 'LOS_CLASSES', 'TASKS', 'CHAPTERS', 'CHAPTER_STARTS', 'MODELS', 'THREADS_FROM', 'DENSE_MAX',
+           'TABLE_SCHEMA', 'UtilityError', 'check_events', 'stay_table', 'n_labels', 'icd10_chapters', 'task_samples',
+           'label_matrix', 'fit_lab_edges', 'sample_tokens', 'first_tokens', 'sample_presence', 'FeatureSpace',
+           'fit_features', 'featurize', 'LSTMConfig', 'VisitBiLSTM', 'fit_predict_bilstm', 'fit_predict_sklearn',
+           'weighted_auc', 'bootstrap_weights', 'UtilityReport', 'utility_report', 'plot_utility']
 
 # %% ../nbs/10b_utility.ipynb #127805ca
 LOS_EDGES_DAYS = (1, 2, 3, 4, 5, 6, 7, 8, 14)  # class k: LOS in [edge[k-1], edge[k]) days; 10 classes
@@ -373,10 +373,12 @@ MODELS = ("logreg", "hgb", "bilstm")
 
 THREADS_FROM = 10_000  # n_threads="auto": one thread below this many training samples, all cores from it on
 
-def _sk_model(name: str, seed: int, hgb_max_iter: int, early_stopping: str | bool = "auto"):
+DENSE_MAX = 1 << 27  # multinomial logistic regression gets its features dense up to this many cells (1 GB as float64)
+
+def _sk_model(name: str, seed: int, hgb_max_iter: int, early_stopping: str | bool = "auto", multiclass: bool = False):
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
-    if name == "logreg": return LogisticRegression(C=1.0, solver="lbfgs", max_iter=500)
+    if name == "logreg": return LogisticRegression(C=1.0, solver="newton-cg" if multiclass else "lbfgs", max_iter=500)
     return HistGradientBoostingClassifier(max_iter=hgb_max_iter, learning_rate=0.1, max_leaf_nodes=15, early_stopping=early_stopping,
                                           random_state=seed)
 
@@ -391,7 +393,7 @@ def fit_predict_sklearn(name: str, X_tr, Y_tr: np.ndarray, X_te, *, kind: str, s
         return _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, hgb_early_stopping)
 
 def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, early_stopping):
-    if name == "hgb": X_tr, X_te = X_tr.toarray(), X_te.toarray()
+    if name == "hgb" or (kind == "multiclass" and X_tr.shape[0] * X_tr.shape[1] <= DENSE_MAX): X_tr, X_te = X_tr.toarray(), X_te.toarray()
     K = Y_tr.shape[1]
     S = np.zeros((X_te.shape[0], K), np.float64)
     pos = Y_tr.sum(0)
@@ -399,7 +401,7 @@ def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_it
     if kind == "multiclass":
         keep = np.isin(Y_tr.argmax(1), np.flatnonzero(pos >= min_pos))  # classes seen often enough
         if ok.sum() >= 2:
-            m = _sk_model(name, seed, hgb_max_iter, early_stopping).fit(X_tr[keep], Y_tr[keep].argmax(1))
+            m = _sk_model(name, seed, hgb_max_iter, early_stopping, multiclass=True).fit(X_tr[keep], Y_tr[keep].argmax(1))
             S[:, m.classes_] = m.predict_proba(X_te)
         return S
     for k in np.flatnonzero(ok):
@@ -413,15 +415,16 @@ def weighted_auc(y: np.ndarray, # (N,) 0/1 labels
                 ) -> tuple[np.ndarray, np.ndarray]:
     "AUROC and average precision (R,) under each weight row; NaN where a row has no positive or no negative weight."
     o = np.argsort(-s, kind="stable")
-    s, y, W = s[o], y[o].astype(np.float64), W[:, o]
+    s, W = s[o], np.take(np.asarray(W, np.float64), o, axis=1)
+    wp = W * y[o].astype(np.float64)  # the positives' weights, by descending score
     start = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
-    P, Nn = np.add.reduceat(W * y, start, axis=1), np.add.reduceat(W * (1 - y), start, axis=1)
+    if len(start) == len(s): P, Nn = wp, W - wp  # no ties (a continuous score): every sample its own group
+    else: P = np.add.reduceat(wp, start, axis=1); Nn = np.add.reduceat(W, start, axis=1) - P
     tp, fp = np.cumsum(P, 1), np.cumsum(Nn, 1)
     tot_p, tot_n = tp[:, -1], fp[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        auroc = (Nn * (tp - P + 0.5 * P)).sum(1) / (tot_p * tot_n)
-        prec = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1), 0)
-        ap = (P * prec).sum(1) / tot_p
+        auroc = np.einsum("ij,ij->i", Nn, tp - 0.5 * P) / (tot_p * tot_n)
+        ap = np.einsum("ij,ij->i", P, tp / np.maximum(tp + fp, np.finfo(np.float64).tiny)) / tot_p  # precision 0 where nothing is ranked yet
     bad = (tot_p <= 0) | (tot_n <= 0)
     return np.where(bad, np.nan, auroc), np.where(tot_p <= 0, np.nan, ap)
 
