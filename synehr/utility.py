@@ -22,11 +22,12 @@ from .core import get_logger, make_key, make_rng, write_json, write_parquet
 from .data import BIRTH, DEATH
 
 # %% auto #0
-__all__ = ['LOS_EDGES_DAYS', 'LOS_CLASSES', 'TASKS', 'CHAPTERS', 'CHAPTER_STARTS', 'MODELS', 'THREADS_FROM', 'DENSE_MAX',
-           'TABLE_SCHEMA', 'UtilityError', 'check_events', 'stay_table', 'n_labels', 'icd10_chapters', 'task_samples',
-           'label_matrix', 'fit_lab_edges', 'sample_tokens', 'first_tokens', 'sample_presence', 'FeatureSpace',
-           'fit_features', 'featurize', 'LSTMConfig', 'VisitBiLSTM', 'fit_predict_bilstm', 'fit_predict_sklearn',
-           'weighted_auc', 'bootstrap_weights', 'UtilityReport', 'utility_report', 'plot_utility']
+__all__ = ['LOS_EDGES_DAYS', 'LOS_CLASSES', 'TASKS', 'CHAPTERS', 'CHAPTER_STARTS', 'MODELS', 'THREADS_FROM', 'HGB_TOL',
+           'DENSE_MAX', 'TABLE_SCHEMA', 'UtilityError', 'check_events', 'stay_table', 'n_labels', 'icd10_chapters',
+           'task_samples', 'label_matrix', 'fit_lab_edges', 'sample_tokens', 'first_tokens', 'sample_presence',
+           'FeatureSpace', 'fit_features', 'featurize', 'LSTMConfig', 'VisitBiLSTM', 'fit_predict_bilstm',
+           'fit_predict_sklearn', 'weighted_auc', 'bootstrap_weights', 'UtilityReport', 'utility_report',
+           'plot_utility']
 
 # %% ../nbs/10b_utility.ipynb #127805ca
 LOS_EDGES_DAYS = (1, 2, 3, 4, 5, 6, 7, 8, 14)  # class k: LOS in [edge[k-1], edge[k]) days; 10 classes
@@ -373,6 +374,7 @@ MODELS = ("logreg", "hgb", "bilstm")
 
 THREADS_FROM = 10_000  # n_threads="auto": one thread below this many training samples, all cores from it on
 
+HGB_TOL = 1e-3  # early stopping: HGB stops once 10 rounds gain less than this in validation log-loss
 DENSE_MAX = 1 << 27  # multinomial logistic regression gets its features dense up to this many cells (1 GB as float64)
 
 def _sk_model(name: str, seed: int, hgb_max_iter: int, early_stopping: str | bool = "auto", multiclass: bool = False):
@@ -380,19 +382,20 @@ def _sk_model(name: str, seed: int, hgb_max_iter: int, early_stopping: str | boo
     from sklearn.linear_model import LogisticRegression
     if name == "logreg": return LogisticRegression(C=1.0, solver="newton-cg" if multiclass else "lbfgs", max_iter=500)
     return HistGradientBoostingClassifier(max_iter=hgb_max_iter, learning_rate=0.1, max_leaf_nodes=15, early_stopping=early_stopping,
-                                          random_state=seed)
+                                          tol=HGB_TOL, random_state=seed)
 
 def fit_predict_sklearn(name: str, X_tr, Y_tr: np.ndarray, X_te, *, kind: str, seed: int, min_pos: int = 5, hgb_max_iter: int = 100,
                         hgb_early_stopping: str | bool = "auto", # scikit-learn's: "auto" holds out 10% to stop on above 10,000 samples
                         n_threads: int | None | str = "auto", # BLAS/OpenMP threads; "auto": 1 below THREADS_FROM training samples, else all
+                        labels: np.ndarray | None = None, # binary and multi-label: fit only these label columns (the others score 0)
                        ) -> np.ndarray:
     "Scores (N_te x K) of logistic regression or HGB; constant 0 for a label with < min_pos training positives or negatives."
     from threadpoolctl import threadpool_limits
     if n_threads == "auto": n_threads = 1 if X_tr.shape[0] < THREADS_FROM else None  # small fits: threads cost more than they give
     with threadpool_limits(n_threads):
-        return _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, hgb_early_stopping)
+        return _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, hgb_early_stopping, labels)
 
-def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, early_stopping):
+def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_iter, early_stopping, labels=None):
     if name == "hgb" or (kind == "multiclass" and X_tr.shape[0] * X_tr.shape[1] <= DENSE_MAX): X_tr, X_te = X_tr.toarray(), X_te.toarray()
     K = Y_tr.shape[1]
     S = np.zeros((X_te.shape[0], K), np.float64)
@@ -404,6 +407,7 @@ def _fit_predict_sklearn(name, X_tr, Y_tr, X_te, kind, seed, min_pos, hgb_max_it
             m = _sk_model(name, seed, hgb_max_iter, early_stopping, multiclass=True).fit(X_tr[keep], Y_tr[keep].argmax(1))
             S[:, m.classes_] = m.predict_proba(X_te)
         return S
+    if labels is not None: ok &= np.isin(np.arange(K), labels)
     for k in np.flatnonzero(ok):
         S[:, k] = _sk_model(name, seed, hgb_max_iter, early_stopping).fit(X_tr, Y_tr[:, k]).predict_proba(X_te)[:, 1]
     return S
@@ -498,11 +502,11 @@ def _features(tr, te, cfg, seq: bool, firsts: dict | None = None) -> dict:
         (X_tr, x_tr, l_tr), (X_te, x_te, l_te) = (featurize(space, f["events"], f["samples"], first=firsts[(f["name"], tr["name"])]) for f in (tr, te))
     return dict(X_tr=X_tr, x_tr=x_tr, l_tr=l_tr, X_te=X_te, x_te=x_te, l_te=l_te)
 
-def _scores(model, F, Y_tr, task, cfg, seed, setting):
+def _scores(model, F, Y_tr, task, cfg, seed, setting, labels):
     kind = TASKS[task][0]
-    if model != "bilstm":
+    if model != "bilstm":  # only the labels that are evaluated: a chapter too rare in the held-out set is not fitted
         return fit_predict_sklearn(model, F["X_tr"], Y_tr, F["X_te"], kind=kind, seed=seed, min_pos=cfg["min_pos"], hgb_max_iter=cfg["hgb_max_iter"],
-                                   hgb_early_stopping=cfg["hgb_early_stopping"], n_threads=cfg["n_threads"])
+                                   hgb_early_stopping=cfg["hgb_early_stopping"], n_threads=cfg["n_threads"], labels=labels)
     S, _ = fit_predict_bilstm(F["x_tr"], F["l_tr"], Y_tr, F["x_te"], F["l_te"], softmax=kind == "multiclass", cfg=cfg["lstm"],
                               seed=seed, name=f"bilstm/{task}/{setting}")
     if kind != "multiclass": S = np.where(_counts_ok(Y_tr, cfg["min_pos"])[None, :], S, 0.0)  # labels it could not learn: constant
@@ -573,7 +577,7 @@ def utility_report(real_train: pl.DataFrame, # real training subjects' MEDS even
                 if setting == "TRTR" and ("scores", task, model) in trtr: S = trtr[("scores", task, model)]  # the same fit as before: reuse it
                 else:
                     if setting not in feats: feats[setting] = _features(tr, te, cfg, "bilstm" in models, firsts)
-                    S = _scores(model, feats[setting], tr["Y"], task, cfg, seed, setting)
+                    S = _scores(model, feats[setting], tr["Y"], task, cfg, seed, setting, labels)
                     if setting == "TRTR": trtr[("scores", task, model)] = S
                 if not np.isfinite(S).all(): raise FloatingPointError(f"{model} gave non-finite scores on {task} ({setting})")
                 res = [weighted_auc(Yte[:, k], S[:, k], W) for k in labels]
