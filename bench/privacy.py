@@ -33,7 +33,6 @@ TARGET_S = 120.0
 
 def inputs(n: int):
     "Members, non-members and synthetic events (untimed)."
-    import numpy as np
     import polars as pl
     from synehr.core import make_rng
     from synehr.demo import simulate_cohort

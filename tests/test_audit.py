@@ -1,6 +1,5 @@
 """The audit stage's wiring: the LLM judge served by the run itself (judge_gguf) through llama.cpp on 127.0.0.1, with
 the packaged SmolLM2-135M model (plumbing only), its shards resumed, and too few records refused with a clear error."""
-from types import SimpleNamespace
 
 import polars as pl
 import pytest

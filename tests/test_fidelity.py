@@ -1,6 +1,5 @@
 """Fidelity metrics on constructed data with known answers: identical sets agree exactly, a shifted code, scaled time
 gaps and a resampled bootstrap row are detected or reproduced, and bad input names the frame and the column."""
-from datetime import timedelta
 
 import numpy as np
 import polars as pl

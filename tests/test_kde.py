@@ -1,6 +1,5 @@
 """KDE post-processing: grids agree with scipy, samples follow the source distribution and stay in their bins,
 bad configs name the variable and field, and the kit's post-processing leaves the tokens of a record unchanged."""
-from pathlib import Path
 
 import numpy as np
 import polars as pl

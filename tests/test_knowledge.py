@@ -1,6 +1,5 @@
 """synehr.knowledge: code -> concept mapping, graph building and padding, RGCN gradients, PrimeKG loader,
 link prediction against baselines on the demo graph, sibling distances, checkpoint resume, outputs."""
-from dataclasses import replace
 from pathlib import Path
 
 import jax

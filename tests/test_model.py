@@ -262,7 +262,6 @@ def test_cache_left_padded_prompts_and_chunks(model, cfg):
     T = 12
     tokens = jax.random.randint(jax.random.key(6), (2, T), 1, cfg.V)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)  # both rows unpadded
-    lead = jnp.array([0, 3])  # row 1 carries 3 padding slots before its prompt
     S = T + 3
     cache = init_cache(cfg, 2, S)
     P = 5  # prompt length of both rows

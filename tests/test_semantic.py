@@ -4,7 +4,6 @@ import datetime as dt
 import json
 
 import chex
-import jax
 import numpy as np
 import polars as pl
 import pytest

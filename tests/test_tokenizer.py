@@ -1,6 +1,4 @@
 """Tokenizer: round trip on the demo cohort, fit on train only, determinism, the grammar, bad inputs, training rows."""
-import shutil
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -9,7 +7,7 @@ import pytest
 from synehr.core import RunConfig
 from synehr.data import BIRTH, DEATH, events_frame, make_splits, read_meds, validate_events, write_meds
 from synehr.demo import simulate_cohort
-from synehr.tokenizer import (DEATH_ID, END_RECORD, GAP_BASE, GAP_TOKENS, KINDS, MIN_US, PAD, START_RECORD, STATES, YEAR_US,
+from synehr.tokenizer import (DEATH_ID, END_RECORD, GAP_BASE, GAP_TOKENS, KINDS, MIN_US, PAD, START_RECORD, YEAR_US,
                               EncodeError, Grammar, Vocab, canonical_order, check_sequences, decode, encode, fit_vocab,
                               gap_bucket, make_batches, read_tokens, value_bins, write_tokens)
 
@@ -278,7 +276,6 @@ def test_make_batches(data, vocab):
     R = len(b["tokens"])
     assert all(v.shape == (R, L) for v in b.values())
     # every segment is a contiguous slice of one record, with its next tokens as targets: attention never crosses records
-    joined = {tuple(s.tolist()) for s in seqs}
     text = [" ".join(map(str, s.tolist())) for s in seqs]
     n_seg = 0
     for r in range(R):

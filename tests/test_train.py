@@ -11,7 +11,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import polars as pl
 import pytest
 from flax import nnx
 
@@ -195,7 +194,7 @@ def test_same_losses_on_1_and_4_devices(demo, tmp_path):
 
 def test_bf16_trains(demo, tmp_path):
     run = copy_run(demo[0], tmp_path / "run")
-    res = train_stage(run, demo[1], tiny_model(run), TrainConfig.tiny(steps=10, eval_every=5, bf16=True))
+    train_stage(run, demo[1], tiny_model(run), TrainConfig.tiny(steps=10, eval_every=5, bf16=True))
     lines = [m["loss"] for m in read_metrics(run / "model" / "metrics.jsonl") if m["split"] == "train"]
     assert all(np.isfinite(lines)) and lines[-1] < lines[0]
     assert json.loads((run / "model" / "model_config.json").read_text())["dtype"] == "bfloat16"

@@ -27,7 +27,6 @@ last run; for working on the look).
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import itertools
 import os
