@@ -372,7 +372,7 @@ def fit_predict_bilstm(x_tr, len_tr, Y_tr, x_te, len_te, *, softmax: bool, cfg: 
 # %% ../nbs/10b_utility.ipynb #62f156eb
 MODELS = ("logreg", "hgb", "bilstm")
 
-THREADS_FROM = 10_000  # n_threads="auto": one thread below this many training samples, all cores from it on
+THREADS_FROM = 1_000  # n_threads="auto": one thread below this many training samples, all cores from it on
 
 HGB_TOL = 1e-3  # early stopping: HGB stops once 10 rounds gain less than this in validation log-loss
 DENSE_MAX = 1 << 27  # multinomial logistic regression gets its features dense up to this many cells (1 GB as float64)
