@@ -2,19 +2,19 @@
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import polars as pl
 import pytest
-import jax.numpy as jnp
 from flax import nnx
 
+from _devices import run_on_devices
 from synehr.cohort import build_cohort
 from synehr.core import RunConfig, make_key
 from synehr.demo import write_demo_cohort
 from synehr.generate import (GrammarArrays, allowed_tokens, generate, prompt_states, read_generated, real_headers, row_keys,
                              sample_tokens, stamp_at_discharge, stream_tokens, to_meds)
 from synehr.model import Decoder, ModelConfig
-from _devices import run_on_devices
 from synehr.tokenizer import END_RECORD, PAD, START_RECORD, Grammar, check_sequences, fit_vocab, read_tokens, write_tokens
 
 
