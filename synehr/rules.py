@@ -22,11 +22,11 @@ from .data import BIRTH, DEATH
 from .demo import DATA_DIR, RULE_SCHEMA, TEMPORAL, FORMULAS, load_rules, prefixes, _md_table
 
 # %% auto #0
-__all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'PER_CHUNK', 'GROUPS', 'ERROR_FACTOR', 'WARNING_FACTOR',
+__all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'PER_CHUNK', 'SUBSETS', 'GROUPS', 'ERROR_FACTOR', 'WARNING_FACTOR',
            'VIOLATIONS_SCHEMA', 'PER_RECORD_SCHEMA', 'TOTALS_SCHEMA', 'empty_scores', 'derive_icd10cm_rules',
            'icd10cm_rules', 'audit_rule_table', 'write_icd10cm_rules', 'AuditError', 'check_events', 'Packed',
            'record_offsets', 'record_blocks', 'pack_events', 'chunks', 'chunk_arrays', 'RuleTensors', 'compile_rules',
-           'RuleAudit', 'audit_rules']
+           'event_marks', 'RuleAudit', 'audit_rules']
 
 # %% ../nbs/09a_rules.ipynb #620d55a4
 SCORES_SCHEMA = {"subject_id": pl.Int64, "judge": pl.String, "score": pl.Float64, "passed": pl.Boolean,
@@ -236,26 +236,32 @@ def pack_events(events: pl.DataFrame | pl.LazyFrame,
     return Packed(df, cl, sid[offs[:-1]], offs, sex, code.astype(np.int32), tgroup, sec, value, age, n_adm)
 
 PER_CHUNK = 16  # a chunk of E rows holds at most E // 16 records and E // 16 stays: its per-record and per-stay tables are that small
+SUBSETS = {"rare": 32, "drv": 4, "vis": 8}  # event subsets the kernel tests compacted (see the kernel): a chunk holds at most E // n of each
 
-def _cap(E: int) -> int: return max(1, E // PER_CHUNK)
+def _cap(E: int, n: int = PER_CHUNK) -> int: return max(1, E // n)
 
-def chunks(p: Packed, chunk_events: int = 1 << 16) -> list:
+def chunks(p: Packed, chunk_events: int = 1 << 16,
+           marks: dict | None = None, # `event_marks`: also bound each compacted subset to E // `SUBSETS`[name] events
+          ) -> list:
     "Consecutive records in chunks of at most E rows, `_cap(E)` records and `_cap(E)` stays: [(first record, end record, E)], E = `chunk_events` (a record too long or with too many stays alone: E to a power of two that fits it)."
     out, i, S = [], 0, len(p.subjects)
-    cap = _cap(chunk_events)
-    stays = np.r_[0, np.cumsum(p.n_adm)]
+    limits = [(np.arange(S + 1), PER_CHUNK), (np.r_[0, np.cumsum(p.n_adm)], PER_CHUNK)]  # running totals over records, divisor
+    for name, n in (SUBSETS.items() if marks is not None else ()):
+        limits.append((np.searchsorted(np.flatnonzero(marks[name]), p.offsets), n))  # flagged events before each record
     while i < S:
         j = int(np.searchsorted(p.offsets, p.offsets[i] + chunk_events, side="right")) - 1
-        j = min(j, i + cap, int(np.searchsorted(stays, stays[i] + cap, side="right")) - 1)
+        for cum, n in limits: j = min(j, int(np.searchsorted(cum, cum[i] + _cap(chunk_events, n), side="right")) - 1)
         j = max(j, i + 1)
         E = max(chunk_events, _pow2(p.offsets[j] - p.offsets[i]))
-        while _cap(E) < stays[j] - stays[i]: E *= 2
+        while any(_cap(E, n) < cum[j] - cum[i] for cum, n in limits): E *= 2
         out.append((i, j, E))
         i = j
     return out
 
-def chunk_arrays(p: Packed, i: int, j: int, E: int) -> tuple:
-    "The flat kernel inputs of records i..j-1, padded to E rows."
+def chunk_arrays(p: Packed, i: int, j: int, E: int,
+                 marks: dict, # `event_marks` of the cohort
+                ) -> tuple:
+    "The flat kernel inputs of records i..j-1, padded to E rows: event columns, admissions and discharges before each row, and the rows of each compacted subset (E-padded)."
     a, b = p.offsets[i], p.offsets[j]
     n, pad = b - a, E - (b - a)
     rec = np.repeat(np.arange(j - i, dtype=np.int32), np.diff(p.offsets[i:j + 1]))
@@ -263,9 +269,18 @@ def chunk_arrays(p: Packed, i: int, j: int, E: int) -> tuple:
     tg = p.tgroup[a:b]
     gid = np.where(tg >= 0, tg - (tg[tg >= 0].min() if (tg >= 0).any() else 0), -1).astype(np.int32)
     padded = lambda x, fill: np.pad(x, (0, pad), constant_values=fill)
+    def before(m):  # how many flagged rows precede each row (a host cumsum: XLA's CPU scan is slower)
+        c = np.cumsum(m, dtype=np.int32)
+        return padded(c - m, c[-1] if n else 0)
+    def rows(m, k):
+        f = np.flatnonzero(m)
+        out = np.full(_cap(E, k), E, np.int32)
+        out[:len(f)] = f  # `chunks` bounds len(f) by the capacity
+        return out
     return (padded(p.code[a:b], len(p.codes)), padded(np.ones(n, bool), False), padded(gid, -1), padded(p.sec[a:b], 0),
             padded(p.value[a:b], np.nan), padded(p.age[a:b], -1), padded(rec, j - i), padded(start, n),
-            padded(p.sex[i:j][rec], 0))
+            padded(p.sex[i:j][rec], 0), before(marks["adm"][a:b]), before(marks["dis"][a:b]),
+            *(rows(marks[k][a:b], d) for k, d in SUBSETS.items()))
 
 # %% ../nbs/09a_rules.ipynb #c89ada0c
 GROUPS = ("sex", "age", "lab_range", "visit", "visit_lab", "derived", "last", "same_time", "stay", "overlap",
@@ -288,6 +303,7 @@ def _prefix_matrix(codes: pl.Series, cells: list) -> np.ndarray:
     return pl.DataFrame({"code": codes}).select(cols).to_numpy().astype(bool).reshape(len(codes), len(cells))
 
 _SLOTTED = {"sex": "A", "age": "A", "lab_range": "L", "visit": "AB", "visit_lab": "A"}  # groups whose events carry their few rules as slots
+_COMPACT = {"rare": ("sex", "age", "last", "same_time", "once", "none_after", "min_gap"), "drv": ("derived",), "vis": ("visit", "visit_lab")}
 
 def _width(pre: list, # per rule: the prefixes a code may start with
            lab: list | None = None, # per rule: an exact code (or None)
@@ -315,6 +331,7 @@ class RuleTensors:
     params: dict               # name -> [R] numpy array
     tables: dict               # name -> [C + 1, ...] array over the code table (last row: padding)
     derived: dict              # derived_lab: J lab codes and [R_d, 4] input indices; the labs of the visit groups
+    subsets: dict              # subset -> [C + 1] bool: the codes of the events a compacted group reads (`SUBSETS`)
 
 def compile_rules(rules: pl.DataFrame, # `audit_rule_table()`
                   codes: list, # the code table
@@ -359,181 +376,211 @@ def compile_rules(rules: pl.DataFrame, # `audit_rule_table()`
         of = np.zeros(len(r), np.int32)
         if g in groups: of[groups[g]] = [labs.index(x) if x else 0 for x in gl]
         derived |= {"labs:" + g: labs, "lab_of:" + g: of}
-    return RuleTensors(r, groups, params, tables, derived)
+    def reads(k, gs): return np.any([tables[k][:, groups[g]].any(1) for g in gs if g in groups] or [np.zeros(len(cs), bool)], 0)
+    subsets = {"rare": reads("A", _COMPACT["rare"]) | reads("B", _COMPACT["rare"]),  # anchors and other codes of the rare groups
+               "drv": reads("lab", ("derived",)),  # derived labs: the values checked (their inputs are read at every event)
+               "vis": reads("A", ("visit", "visit_lab")) | reads("B", ("visit",))}  # a stay's drugs, diagnoses: anchors and other codes
+    return RuleTensors(r, groups, params, tables, derived, subsets)
+
+def event_marks(rt: RuleTensors, p: Packed) -> dict:
+    "Per event of `p` (bool): admission, discharge, and membership of each compacted subset."
+    return {"adm": rt.tables["adm"][p.code], "dis": rt.tables["dis"][p.code]} | {k: v[p.code] for k, v in rt.subsets.items()}
 
 # %% ../nbs/09a_rules.ipynb #fc3efa13
 def _cmp(x, op, v):
     "x compared with v by the op code of each rule column (<, <=, >, >=)."
     return jnp.where(op == 0, x < v, jnp.where(op == 1, x <= v, jnp.where(op == 2, x > v, x >= v)))
 
-def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E, age_E, rec_E, start_E, sex_E):
-    "checked_R (units checked per rule) and vio_ExK (the rule column of each violating unit an event anchors; -1 for none)."
+def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E, age_E, rec_E, start_E, sex_E, adm0_E, dis0_E,
+                rows_rare, rows_drv, rows_vis):
+    "checked_R (units checked per rule), vio_ExK (the rule column of each violating unit an event anchors, -1 for none) of the groups tested over every event, and (row, rule column) pairs of the compacted groups' violations."
     E, R = code_E.shape[0], len(rt.rules)
     A = _cap(E)  # at most this many records and stays in the chunk (`chunks` cuts it so): the size of per-record and per-stay tables
     P, G = rt.params, rt.groups
     pos_E = jnp.arange(E)
     timed_E = valid_E & (gid_E >= 0)
     tg_E = jnp.where(timed_E, gid_E, E)  # time group as a segment id (null times: a dummy segment)
-    x_E = val_E[:, None]
     seg_min, seg_max, seg_sum = jax.ops.segment_min, jax.ops.segment_max, jax.ops.segment_sum
     per_rec = lambda f, m: f(m, rec_E, A + 1)[rec_E]  # a per-record reduction, read back at each event
-    def first_per(m_ExR, seg_E, n):
-        "The first flagged event of each segment, per rule column."
-        p = seg_min(jnp.where(m_ExR, pos_E[:, None], _BIG), seg_E, n)
-        return m_ExR & (p[jnp.clip(seg_E, 0, n - 1)] == pos_E[:, None])
-    # stays: admissions and discharges numbered across the chunk; the k-th of a record pairs with its k-th
-    def numbered(m):
-        c = jnp.cumsum(m) - m
+    # stays: admissions and discharges numbered across the chunk (the host counts those before each row); the k-th of a record pairs with its k-th
+    def numbered(m, c):
         gi = jnp.where(m, c, A)  # global number of each flagged event
-        return (gi, seg_min(jnp.where(m, tg_E, _BIG), gi, A + 1), seg_min(pos_E, gi, A + 1),
-                c[start_E], per_rec(seg_sum, m.astype(jnp.int32)))
+        return (gi, seg_min(jnp.where(m, tg_E, _BIG), gi, A + 1), c[start_E], per_rec(seg_sum, m.astype(jnp.int32)))
     is_adm, is_dis = tab["adm"][code_E] & valid_E, tab["dis"][code_E] & valid_E
-    adm_i, adm_g, adm_p, adm0, n_adm = numbered(is_adm)  # adm0: admissions before the record; n_adm: the record's
-    dis_i, dis_g, dis_p, dis0, n_dis = numbered(is_dis)
-    ca = jnp.cumsum(is_adm)
-    k_E = jnp.where(timed_E, seg_max(ca, tg_E, E + 1)[tg_E] - 1, -1)  # last admission at or before the event's time
+    adm_i, adm_g, adm0, n_adm = numbered(is_adm, adm0_E)  # adm0: admissions before the record; n_adm: the record's
+    dis_i, dis_g, dis0, n_dis = numbered(is_dis, dis0_E)
+    k_E = jnp.where(timed_E, seg_max(adm0_E + is_adm, tg_E, E + 1)[tg_E] - 1, -1)  # last admission at or before the event's time
     kl_E = k_E - adm0  # its rank within the record
     kc_E = jnp.clip(k_E, 0, A)
     dc_E = jnp.clip(dis0 + kl_E, 0, A)
     inv_E = timed_E & (kl_E >= 0) & (kl_E < n_dis) & (adm_g[kc_E] <= gid_E) & (gid_E <= dis_g[dc_E])
     stay_E = jnp.where(inv_E, k_E, A)
-    checked, vio = jnp.zeros(R + 1, jnp.int32), []  # checked[R]: where the empty slots count
-    at_start = (pos_E == start_E)[:, None]
-    def once_per_rec(c_ExR): return jnp.where(at_start, c_ExR, 0)  # a per-record count, placed at its first row
-    def dense(s, c_ExW, v_ExW):  # a group tested on all its rule columns
+    checked, vio, sparse = jnp.zeros(R + 1, jnp.int32), [], []  # checked[R]: where the empty slots count
+    def dense(s, c_ExW, v_ExW, at=None):  # a group tested on all its rule columns (at: the rows of a compacted subset)
         nonlocal checked
         checked = checked.at[s.start:s.stop].add(c_ExW.astype(jnp.int32).sum(0))
-        vio.append(jnp.where(v_ExW, jnp.arange(s.start, s.stop, dtype=jnp.int32), -1))
-    def slotted(r_ExK, c_ExK, v_ExK):  # a group tested on each event's own few rules (their columns r_ExK)
+        out(jnp.where(v_ExW, jnp.arange(s.start, s.stop, dtype=jnp.int32), -1), at)
+    def slotted(r_ExK, c_ExK, v_ExK, at=None):  # a group tested on each event's own few rules (their columns r_ExK)
         nonlocal checked
         checked = checked.at[jnp.where(c_ExK, r_ExK, R)].add(1)
-        vio.append(jnp.where(v_ExK, r_ExK, -1))
-    def slots(name):
-        r = tab[name][code_E]
-        return r, (r >= 0) & valid_E[:, None]
+        out(jnp.where(v_ExK, r_ExK, -1), at)
+    def out(v_NxK, at):
+        if at is None: vio.append(v_NxK)
+        else: sparse.append((jnp.broadcast_to(at if at.ndim == 2 else at[:, None], v_NxK.shape).reshape(-1), v_NxK.reshape(-1)))
     par = lambda x, r_ExK: jnp.asarray(x)[jnp.maximum(r_ExK, 0)]  # a rule parameter at each slot
-    def first_in_stay(s, r_ExK, m_ExK):
-        "The first slot of each (stay, rule) among m_ExK: a scatter-min of positions into [A + 1, rules of the group]."
+    def compact(rows_N):
+        "A compacted subset: its rows (clipped), whether each is a real event, and a reader of event columns at them."
+        i = jnp.minimum(rows_N, E - 1)
+        return i, (rows_N < E) & valid_E[i], lambda x: x[i]
+    def first_of(m_NxW, seg_N, n):
+        "The first flagged row of each segment, per column, among the rows of a subset (kept in event order)."
+        q = jnp.arange(m_NxW.shape[0])[:, None]
+        p = seg_min(jnp.where(m_NxW, q, _BIG), seg_N, n)
+        return m_NxW & (p[jnp.clip(seg_N, 0, n - 1)] == q)
+    def first_in_stay(s, r_NxK, m_NxK, stay_N):
+        "The first slot of each (stay, rule) among m_NxK: a scatter-min of rows into [A + 1, rules of the group]."
         w = s.stop - s.start
-        col = jnp.clip(r_ExK - s.start, 0, w - 1)
-        p = jnp.full((A + 1, w), _BIG, jnp.int32).at[jnp.where(m_ExK, stay_E[:, None], A), col].min(jnp.broadcast_to(pos_E[:, None], m_ExK.shape))
-        return m_ExK & (p[stay_E[:, None], col] == pos_E[:, None])
-    def stay_labs(g, r_ExK):
-        "Per (stay, lab of the group's rules): count, highest and lowest value, read at slots r_ExK (one scatter slot per lab event)."
+        col = jnp.clip(r_NxK - s.start, 0, w - 1)
+        q = jnp.broadcast_to(jnp.arange(m_NxK.shape[0])[:, None], m_NxK.shape)
+        p = jnp.full((A + 1, w), _BIG, jnp.int32).at[jnp.where(m_NxK, stay_N[:, None], A), col].min(q)
+        return m_NxK & (p[stay_N[:, None], col] == q)
+    def stay_labs(g, r_NxK, stay_N):
+        "Per (stay, lab of the group's rules): count, highest and lowest value over every event, read at slots r_NxK."
         J = max(len(rt.derived["labs:" + g]), 1)
         j_E = tab["J:" + g][code_E]
         m_E = (j_E >= 0) & inv_E
         at = jnp.where(m_E, stay_E * J + j_E, A * J)
         fin = m_E & ~jnp.isnan(val_E)
-        i = stay_E[:, None] * J + par(rt.derived["lab_of:" + g], r_ExK)
+        i = stay_N[:, None] * J + par(rt.derived["lab_of:" + g], r_NxK)
         return (jnp.zeros((A + 1) * J, jnp.int32).at[at].add(1)[i], jnp.full((A + 1) * J, -jnp.inf).at[at].max(jnp.where(fin, val_E, -jnp.inf))[i],
                 jnp.full((A + 1) * J, jnp.inf).at[at].min(jnp.where(fin, val_E, jnp.inf))[i])
     def passes(r_ExK, top, low):
         "Some value of the stay passes rule r's test: for <, <= the lowest does, for >, >= the highest."
         op, v = par(P["op"], r_ExK), par(P["value"], r_ExK)
         return _cmp(jnp.where(op <= 1, low, top), op, v)
+    # the groups that touch few events run on compacted subsets of the chunk's rows (host-side lists, `SUBSETS` capacities)
+    iR, okR, atR = compact(rows_rare)
+    code_R, rec_R, gid_R, timed_R = atR(code_E), atR(rec_E), atR(gid_E), atR(timed_E)
+    tg_R = jnp.where(timed_R, gid_R, E)
+    iV, okV, atV = compact(rows_vis)
+    code_V, stay_V, inv_V = atV(code_E), atV(stay_E), atV(inv_E)
+    cols = lambda s, k: tab[k][:, s][code_R] & okR[:, None]  # the rare subset's memberships of a dense group: [N, W]
     for g, s in G.items():
-        op, val, hi = P["op"][s], P["value"][s], P["value_hi"][s]
+        val, w = P["value"][s], s.stop - s.start
         if g == "sex":
-            r, m = slots("A:sex")
-            slotted(r, m, m & (sex_E[:, None] != par(P["sex"], r)))
+            r = tab["A:sex"][code_R]
+            m = (r >= 0) & okR[:, None]
+            slotted(r, m, m & (atR(sex_E)[:, None] != par(P["sex"], r)), iR)
         elif g == "age":
-            r, m = slots("A:age")
-            c = m & timed_E[:, None]
-            ag = age_E[:, None]
-            slotted(r, c, c & ~((ag >= 0) & (ag >= par(P["min_age"], r)) & (ag <= par(P["max_age"], r))))
+            r = tab["A:age"][code_R]
+            c = (r >= 0) & okR[:, None] & timed_R[:, None]
+            ag = atR(age_E)[:, None]
+            slotted(r, c, c & ~((ag >= 0) & (ag >= par(P["min_age"], r)) & (ag <= par(P["max_age"], r))), iR)
         elif g == "lab_range":
-            r, m = slots("L:lab_range")
+            r = tab["L:lab_range"][code_E]
+            m = (r >= 0) & valid_E[:, None]
+            x_E = val_E[:, None]
             slotted(r, m, m & ~((x_E >= par(P["value"], r)) & (x_E <= par(P["value_hi"], r))))
         elif g == "visit":
-            ra, ma = slots("A:visit")
-            first = first_in_stay(s, ra, ma & inv_E[:, None])
-            rb, mb = slots("B:visit")  # the rules without a lab: one of their other codes in the stay
-            w = s.stop - s.start
-            hb = jnp.zeros((A + 1, w), jnp.int8).at[jnp.where(mb & inv_E[:, None], stay_E[:, None], A), jnp.clip(rb - s.start, 0, w - 1)].max(jnp.int8(1))
-            _, top, low = stay_labs(g, ra)  # the rules with a lab: a value of it in the stay passes the test
-            hit = jnp.where(par(P["has_lab"], ra), passes(ra, top, low), hb[stay_E[:, None], jnp.clip(ra - s.start, 0, w - 1)] > 0)
-            slotted(ra, first, first & jnp.where(par(P["kind"] == "implies_code", ra), ~hit, hit))
+            ra = tab["A:visit"][code_V]
+            first = first_in_stay(s, ra, (ra >= 0) & (okV & inv_V)[:, None], stay_V)
+            rb = tab["B:visit"][code_V]  # the rules without a lab: one of their other codes in the stay
+            mb = (rb >= 0) & (okV & inv_V)[:, None]
+            hb = jnp.zeros((A + 1, w), jnp.int8).at[jnp.where(mb, stay_V[:, None], A), jnp.clip(rb - s.start, 0, w - 1)].max(jnp.int8(1))
+            _, top, low = stay_labs(g, ra, stay_V)  # the rules with a lab: a value of it in the stay passes the test
+            hit = jnp.where(par(P["has_lab"], ra), passes(ra, top, low), hb[stay_V[:, None], jnp.clip(ra - s.start, 0, w - 1)] > 0)
+            slotted(ra, first, first & jnp.where(par(P["kind"] == "implies_code", ra), ~hit, hit), iV)
         elif g == "visit_lab":
-            ra, ma = slots("A:visit_lab")
+            ra = tab["A:visit_lab"][code_V]
             sx = par(P["sex"], ra)
-            first = first_in_stay(s, ra, ma & inv_E[:, None] & ((sx == 0) | (sx == sex_E[:, None])))
-            n, top, low = stay_labs(g, ra)
+            first = first_in_stay(s, ra, (ra >= 0) & (okV & inv_V)[:, None] & ((sx == 0) | (sx == atV(sex_E)[:, None])), stay_V)
+            n, top, low = stay_labs(g, ra, stay_V)
             rise = jnp.round((top - low) * 1e4) >= par(np.round(P["value"] * 1e4), ra)  # at 4 decimals, as the reference rounds (exact in units of 1e-4)
             op5 = par(P["op"], ra) == 5
             unit = first & (n >= jnp.where(op5, 2, 1)) & par(P["has_lab"], ra)
-            slotted(ra, unit, unit & ~jnp.where(op5, rise, passes(ra, top, low)))
-        else:
-            a, b, lb = (tab[k][:, s][code_E] & valid_E[:, None] for k in ("A", "B", "lab"))
-            out = partial(dense, s)
-            if g == "derived":
-                J = len(rt.derived["labs"])
-                j_E = tab["lab_j"][code_E]
-                key = jnp.where(timed_E & (j_E >= 0), tg_E * J + j_E, E * J)
-                fp = seg_min(pos_E, key, E * J + 1)[:E * J].reshape(E, J)  # first row of lab j in each time group
-                draw = jnp.where(fp < E, val_E[jnp.clip(fp, 0, E - 1)], jnp.nan)
-                tgc = jnp.clip(tg_E, 0, E - 1)
-                draw = jnp.concatenate([draw, jnp.full((E, 1), jnp.nan)], 1)[tgc]  # [E, J + 1] at each event's time
-                ins = rt.derived["inputs"]
-                y, i1, i2, i3 = (draw[:, ins[:, q]] for q in range(4))
-                anchor = lb & timed_E[:, None] & (fp[tgc][:, ins[:, 0]] == pos_E[:, None])
-                age = jnp.where(age_E >= 0, age_E, jnp.nan).astype(jnp.float32)[:, None]
-                mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(sex_E[:, None] == 1, 0.742, 1.0)
-                frm = P["formula"][s]
-                f = jnp.where(frm == 0, mdrd, jnp.where(frm == 1, i1 - i2 - i3, jnp.where(i3 < 400, i1 - i2 - i3 / 5, jnp.nan)))
-                need = jnp.where(frm == 0, ~jnp.isnan(i1), jnp.where(frm == 1, ~(jnp.isnan(i1) | jnp.isnan(i2) | jnp.isnan(i3)), True))
-                c = anchor & ~jnp.isnan(y) & need
-                out(c, c & ~(jnp.abs(y - f) <= val))
-            elif g == "last":
-                at = a & timed_E[:, None]
-                d = per_rec(seg_min, jnp.where(at, gid_E[:, None], _BIG))
-                out(once_per_rec(per_rec(seg_max, at.astype(jnp.int8))), first_per(timed_E[:, None] & (gid_E[:, None] > d), rec_E, A + 1))
-            elif g == "same_time":
-                has = seg_max((b & timed_E[:, None]).astype(jnp.int8), tg_E, E + 1)[tg_E] > 0
-                out(a, a & ~(timed_E[:, None] & has))
-            elif g == "stay":  # each admission, and each discharge beyond the record's admissions, is a stay
-                kd = dis_i - dis0  # a discharge's rank within the record
-                has_dis = is_adm & (adm_i - adm0 < n_dis)
-                dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, A)]
-                nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, A)], _BIG)
-                ok = has_dis & timed_E & (dg > gid_E) & (dg <= nxt)
-                unit = is_adm | (is_dis & (kd >= n_adm))
-                bad = unit & ~ok
-                w = s.stop - s.start
-                out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
-            elif g == "overlap":  # each admission after the record's first
-                prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, A)]
-                unit = is_adm & (adm_i - adm0 >= 1)
-                bad = unit & ~((adm_i - adm0 - 1 < n_dis) & timed_E & (gid_E >= prev_dg))
-                w = s.stop - s.start
-                out(jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
-            elif g == "within_visit":
-                out(a, a & ~inv_E[:, None])
-            elif g == "once":
-                f1 = first_per(a, rec_E, A + 1)
-                out(once_per_rec(per_rec(seg_max, a.astype(jnp.int8))), first_per(a & ~f1, rec_E, A + 1))  # the record's second
-            elif g == "none_after":
-                ai = a & inv_E[:, None]
-                v0 = per_rec(seg_min, jnp.where(ai, k_E[:, None], _BIG))
-                g0 = per_rec(seg_min, jnp.where(ai, gid_E[:, None], _BIG))
-                later = b & jnp.where(inv_E[:, None], k_E[:, None] > v0, timed_E[:, None] & (gid_E[:, None] > g0)) & (v0 < _BIG)
-                out(once_per_rec(v0 < _BIG), first_per(later, rec_E, A + 1))
-            elif g == "min_gap":
-                at = a & timed_E[:, None]
-                fr = first_per(at, jnp.where(timed_E, tg_E, E), E + 1)  # first flagged event of each time group
-                prev = jax.lax.cummax(jnp.where(fr, pos_E[:, None], -1), axis=0)
-                prev = jnp.concatenate([jnp.full((1, prev.shape[1]), -1, prev.dtype), prev[:-1]], 0)  # the previous one, any record
-                unit = fr & (prev >= start_E[:, None])
-                gap = sec_E[:, None] - sec_E[jnp.clip(prev, 0, E - 1)]
-                out(unit, unit & (gap < val * 86400))
-    vio_ExK = jnp.concatenate(vio, 1)
-    return checked[:R], jnp.where(valid_E[:, None], vio_ExK, -1)
+            slotted(ra, unit, unit & ~jnp.where(op5, rise, passes(ra, top, low)), iV)
+        elif g == "derived":  # the derived labs' events (compacted) against the value derived from their draw's inputs
+            iD, okD, atD = compact(rows_drv)
+            J = len(rt.derived["labs"])
+            j_E = tab["lab_j"][code_E]
+            key = jnp.where(timed_E & (j_E >= 0), tg_E * J + j_E, E * J)
+            fp = seg_min(pos_E, key, E * J + 1)[:E * J].reshape(E, J)  # first row of lab j in each time group
+            timed_D = atD(timed_E)
+            fp_D = fp[jnp.clip(atD(tg_E), 0, E - 1)]  # [N, J] at each event's time
+            draw = jnp.concatenate([jnp.where(fp_D < E, val_E[jnp.clip(fp_D, 0, E - 1)], jnp.nan), jnp.full((len(iD), 1), jnp.nan)], 1)
+            ins = rt.derived["inputs"]
+            y, i1, i2, i3 = (draw[:, ins[:, q]] for q in range(4))
+            anchor = tab["lab"][:, s][atD(code_E)] & (okD & timed_D)[:, None] & (fp_D[:, ins[:, 0]] == iD[:, None])
+            age_D = atD(age_E)
+            age = jnp.where(age_D >= 0, age_D, jnp.nan).astype(jnp.float32)[:, None]
+            mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(atD(sex_E)[:, None] == 1, 0.742, 1.0)
+            frm = P["formula"][s]
+            f = jnp.where(frm == 0, mdrd, jnp.where(frm == 1, i1 - i2 - i3, jnp.where(i3 < 400, i1 - i2 - i3 / 5, jnp.nan)))
+            need = jnp.where(frm == 0, ~jnp.isnan(i1), jnp.where(frm == 1, ~(jnp.isnan(i1) | jnp.isnan(i2) | jnp.isnan(i3)), True))
+            c = anchor & ~jnp.isnan(y) & need
+            dense(s, c, c & ~(jnp.abs(y - f) <= val), iD)
+        elif g == "last":  # the first event after the record's first death time, if any
+            at = cols(s, "A") & timed_R[:, None]
+            d = seg_min(jnp.where(at, gid_R[:, None], _BIG), rec_R, A + 1)  # [A + 1, W]
+            nxt = seg_min(pos_E, tg_E, E + 1)[jnp.clip(d + 1, 0, E)]  # the first row of the next time group
+            bad = (d < _BIG) & (d + 1 < E) & (nxt < E)
+            bad &= rec_E[jnp.clip(nxt, 0, E - 1)] == jnp.arange(A + 1)[:, None]
+            dense(s, d < _BIG, bad, jnp.clip(nxt, 0, E - 1))  # units: the records with one
+        elif g == "same_time":
+            a, b = cols(s, "A"), cols(s, "B")
+            cw = jnp.arange(w)[None, :]
+            has = jnp.zeros((E + 1, w), jnp.int8).at[jnp.where(b & timed_R[:, None], tg_R[:, None], E), cw].max(jnp.int8(1))
+            dense(s, a, a & ~(timed_R[:, None] & (has[tg_R[:, None], cw] > 0)), iR)
+        elif g == "stay":  # each admission, and each discharge beyond the record's admissions, is a stay
+            kd = dis_i - dis0  # a discharge's rank within the record
+            has_dis = is_adm & (adm_i - adm0 < n_dis)
+            dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, A)]
+            nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, A)], _BIG)
+            ok = has_dis & timed_E & (dg > gid_E) & (dg <= nxt)
+            unit = is_adm | (is_dis & (kd >= n_adm))
+            bad = unit & ~ok
+            dense(s, jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+        elif g == "overlap":  # each admission after the record's first
+            prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, A)]
+            unit = is_adm & (adm_i - adm0 >= 1)
+            bad = unit & ~((adm_i - adm0 - 1 < n_dis) & timed_E & (gid_E >= prev_dg))
+            dense(s, jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+        elif g == "within_visit":
+            a = tab["A"][:, s][code_E] & valid_E[:, None]
+            dense(s, a, a & ~inv_E[:, None])
+        elif g == "once":
+            a = cols(s, "A")
+            f1 = first_of(a, rec_R, A + 1)
+            dense(s, f1, first_of(a & ~f1, rec_R, A + 1), iR)  # units: the records with one; violations: the record's second
+        elif g == "none_after":
+            a, b = cols(s, "A"), cols(s, "B")
+            inv_R, k_R = atR(inv_E)[:, None], atR(k_E)[:, None]
+            ai = a & inv_R
+            v0 = seg_min(jnp.where(ai, k_R, _BIG), rec_R, A + 1)  # [A + 1, W]: the record's first stay with an A
+            g0 = seg_min(jnp.where(ai, gid_R[:, None], _BIG), rec_R, A + 1)[rec_R]
+            v0r = v0[rec_R]
+            later = b & jnp.where(inv_R, k_R > v0r, timed_R[:, None] & (gid_R[:, None] > g0)) & (v0r < _BIG)
+            checked = checked.at[s.start:s.stop].add((v0 < _BIG).astype(jnp.int32).sum(0))
+            out(jnp.where(first_of(later, rec_R, A + 1), jnp.arange(s.start, s.stop, dtype=jnp.int32), -1), iR)
+        elif g == "min_gap":
+            at = cols(s, "A") & timed_R[:, None]
+            fr = first_of(at, tg_R, E + 1)  # first flagged event of each time group
+            q = jnp.arange(len(iR))[:, None]
+            prev = jax.lax.cummax(jnp.where(fr, q, -1), axis=0)
+            prev = jnp.concatenate([jnp.full((1, w), -1, prev.dtype), prev[:-1]], 0)  # the previous one, any record
+            pc = jnp.clip(prev, 0, len(iR) - 1)
+            unit = fr & (prev >= 0) & (iR[pc] >= atR(start_E)[:, None])
+            sec_R = atR(sec_E)
+            dense(s, unit, unit & (sec_R[:, None] - sec_R[pc] < val * 86400), iR)
+    vio_ExK = jnp.concatenate(vio, 1) if vio else jnp.full((E, 1), -1, jnp.int32)
+    sp = [jnp.zeros(0, jnp.int32)] * 2 if not sparse else [jnp.concatenate(x) for x in zip(*sparse)]
+    return checked[:R], jnp.where(valid_E[:, None], vio_ExK, -1), sp[0].astype(jnp.int32), sp[1]
 
 def _kernel(rt: RuleTensors):
-    "The jitted chunk auditor of a rule set: flat [E] arrays -> units checked per rule [R], violated rule columns [E, K], [E] any."
+    "The jitted chunk auditor of a rule set: chunk arrays -> units checked per rule [R], violated rule columns [E, K] of the groups over every event and [E] any, (rows, rule columns) of the compacted groups' violations."
     def f(tab, *a):
-        c, v = _audit_flat(rt, tab, *a)
-        return c, v, (v >= 0).any(1)
+        c, v, rows, cols = _audit_flat(rt, tab, *a)
+        return c, v, (v >= 0).any(1), rows, cols
     return jax.jit(f)
 
 def _pad_tables(rt: RuleTensors, C: int) -> dict:
@@ -638,13 +685,16 @@ def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subj
     S, R = len(p.subjects), len(rt.rules)
     n_checked = np.zeros(R, np.int64)
     found = []  # (event rows, rule columns)
-    for i, j, E in chunks(p, chunk_events):
-        c, v, hit = kern(tab, *chunk_arrays(p, i, j, E))
+    marks = event_marks(rt, p)
+    for i, j, E in chunks(p, chunk_events, marks):
+        c, v, hit, e2, r2 = kern(tab, *chunk_arrays(p, i, j, E, marks))
         n_checked += np.asarray(c)
         e = np.flatnonzero(np.asarray(hit))
         v = np.asarray(v)[e]
         k, q = np.nonzero(v >= 0)
-        e, r = e[k], v[k, q]
+        r2 = np.asarray(r2)
+        f = np.flatnonzero(r2 >= 0)
+        e, r = np.r_[e[k], np.asarray(e2)[f]], np.r_[v[k, q], r2[f]]
         o = np.lexsort((r, e))  # event order, then rule order
         found.append((e[o] + p.offsets[i], r[o]))
     rows = np.concatenate([e for e, _ in found]) if found else np.zeros(0, int)

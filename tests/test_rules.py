@@ -10,7 +10,7 @@ import pytest
 from synehr.data import BIRTH, DEATH, EVENT_SCHEMA
 from synehr.demo import prefixes, simulate_cohort
 from synehr.rules import (SCORES_SCHEMA, VIOLATIONS_SCHEMA, AuditError, ERROR_FACTOR, _cap, audit_rule_table, audit_rules,
-                          chunks, icd10cm_rules, pack_events)
+                          SUBSETS, chunks, compile_rules, event_marks, icd10cm_rules, pack_events)
 
 T0 = datetime(2020, 1, 1, 8, 0)
 RULES = audit_rule_table()
@@ -232,9 +232,11 @@ def test_chunk_size_does_not_change_the_verdict(pairs):
     many = Timeline([(10 * k + 1, "ICD10CM/R69", None) for k in range(40)], stays=[(10 * k, 10 * k + 4) for k in range(40)])
     ev = pl.concat([ev, many.complete().frame(9100)])
     p = pack_events(ev)
+    marks = event_marks(compile_rules(audit_rule_table(), p.codes), p)
     for n in (64, 256):
-        parts = chunks(p, n)
+        parts = chunks(p, n, marks)
         assert all(j - i <= _cap(E) and p.n_adm[i:j].sum() <= _cap(E) and p.offsets[j] - p.offsets[i] <= E for i, j, E in parts)
+        assert all(marks[k][p.offsets[i]:p.offsets[j]].sum() <= _cap(E, d) for i, j, E in parts for k, d in SUBSETS.items())
         assert max(E for *_, E in parts) >= 16 * 40  # the 40-stay record: alone, in a chunk big enough for its stays
     ref = audit_rules(ev)
     assert ref.per_record.filter(pl.col("subject_id") == 9100)["n_error"].item() == 0
