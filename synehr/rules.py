@@ -22,11 +22,11 @@ from .data import BIRTH, DEATH
 from .demo import DATA_DIR, RULE_SCHEMA, TEMPORAL, FORMULAS, load_rules, prefixes, _md_table
 
 # %% auto #0
-__all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'PER_CHUNK', 'SUBSETS', 'GROUPS', 'ERROR_FACTOR', 'WARNING_FACTOR',
-           'VIOLATIONS_SCHEMA', 'PER_RECORD_SCHEMA', 'TOTALS_SCHEMA', 'empty_scores', 'derive_icd10cm_rules',
-           'icd10cm_rules', 'audit_rule_table', 'write_icd10cm_rules', 'AuditError', 'check_events', 'Packed',
-           'record_offsets', 'record_blocks', 'pack_events', 'chunks', 'chunk_arrays', 'RuleTensors', 'compile_rules',
-           'event_marks', 'RuleAudit', 'audit_rules']
+__all__ = ['SCORES_SCHEMA', 'MATERNITY_AGE', 'ICD10CM_RULES', 'PER_CHUNK', 'SUBSETS', 'GROUPS', 'MARK_BITS', 'ERROR_FACTOR',
+           'WARNING_FACTOR', 'VIOLATIONS_SCHEMA', 'PER_RECORD_SCHEMA', 'TOTALS_SCHEMA', 'empty_scores',
+           'derive_icd10cm_rules', 'icd10cm_rules', 'audit_rule_table', 'write_icd10cm_rules', 'AuditError',
+           'check_events', 'Packed', 'record_offsets', 'record_blocks', 'code_ranks', 'pack_events', 'chunks',
+           'chunk_arrays', 'RuleTensors', 'compile_rules', 'Marks', 'event_marks', 'RuleAudit', 'audit_rules']
 
 # %% ../nbs/09a_rules.ipynb #620d55a4
 SCORES_SCHEMA = {"subject_id": pl.Int64, "judge": pl.String, "score": pl.Float64, "passed": pl.Boolean,
@@ -210,14 +210,20 @@ def _pack_block(t: np.ndarray, code: np.ndarray, lo: np.ndarray, luts: dict, tg0
     n_adm = np.maximum(np.bincount(si[luts["adm"][code]], minlength=S), np.bincount(si[luts["dis"][code]], minlength=S))
     return tgroup, sec, age, sex, n_adm, int(tgroup.max(initial=tg0 - 1)) + 1
 
+def code_ranks(df: pl.DataFrame) -> pl.Series:
+    "The code column as an Enum over the cohort's sorted codes (its physical value: each event's rank); the one pass over the strings."
+    return df["code"].cast(pl.Enum(df["code"].unique().sort()))
+
 def pack_events(events: pl.DataFrame | pl.LazyFrame,
                 checked: bool = False, # `events` come from `check_events` already
                 rows: int = 1 << 20, # events computed at a time (whole records; numpy's temporaries stay small)
+                ranked: pl.Series | None = None, # `code_ranks` of the events, if computed already
                ) -> Packed:
     "Check and sort the events, index their codes and compute each event's rank, seconds and age (host side, 64-bit)."
     df = events if checked else check_events(events)
-    codes = df["code"].unique().sort()
-    code = df["code"].cast(pl.Enum(codes)).to_physical().cast(pl.Int32).to_numpy()  # its rank among the codes
+    ranked = code_ranks(df) if ranked is None else ranked
+    codes = ranked.dtype.categories
+    code = ranked.to_physical().cast(pl.Int32).to_numpy()  # its rank among the codes
     sid = df["subject_id"].to_numpy()
     t = df["time"].to_physical().fill_null(_NULL_T).to_numpy()
     n, offs = len(df), record_offsets(sid)
@@ -232,8 +238,8 @@ def pack_events(events: pl.DataFrame | pl.LazyFrame,
     for i, j in record_blocks(offs, rows):
         a, b = offs[i], offs[j]
         tgroup[a:b], sec[a:b], age[a:b], sex[i:j], n_adm[i:j], tg0 = _pack_block(t[a:b], code[a:b], offs[i:j + 1] - a, luts, tg0)
-    value = df["numeric_value"].fill_null(np.nan).to_numpy().astype(np.float32)
-    return Packed(df, cl, sid[offs[:-1]], offs, sex, code.astype(np.int32), tgroup, sec, value, age, n_adm)
+    value = df["numeric_value"].fill_null(np.nan).to_numpy().astype(np.float32, copy=False)
+    return Packed(df, cl, sid[offs[:-1]], offs, sex, code, tgroup, sec, value, age, n_adm)
 
 PER_CHUNK = 16  # a chunk of E rows holds at most E // 16 records and E // 16 stays: its per-record and per-stay tables are that small
 SUBSETS = {"rare": 32, "drv": 4, "vis": 8}  # event subsets the kernel tests compacted (see the kernel): a chunk holds at most E // n of each
@@ -241,13 +247,13 @@ SUBSETS = {"rare": 32, "drv": 4, "vis": 8}  # event subsets the kernel tests com
 def _cap(E: int, n: int = PER_CHUNK) -> int: return max(1, E // n)
 
 def chunks(p: Packed, chunk_events: int = 1 << 16,
-           marks: dict | None = None, # `event_marks`: also bound each compacted subset to E // `SUBSETS`[name] events
+           marks: Marks | None = None, # `event_marks`: also bound each compacted subset to E // `SUBSETS`[name] events
           ) -> list:
     "Consecutive records in chunks of at most E rows, `_cap(E)` records and `_cap(E)` stays: [(first record, end record, E)], E = `chunk_events` (a record too long or with too many stays alone: E to a power of two that fits it)."
     out, i, S = [], 0, len(p.subjects)
     limits = [(np.arange(S + 1), PER_CHUNK), (np.r_[0, np.cumsum(p.n_adm)], PER_CHUNK)]  # running totals over records, divisor
     for name, n in (SUBSETS.items() if marks is not None else ()):
-        limits.append((np.searchsorted(np.flatnonzero(marks[name]), p.offsets), n))  # flagged events before each record
+        limits.append((np.r_[0, np.cumsum(marks.counts[name])], n))
     while i < S:
         j = int(np.searchsorted(p.offsets, p.offsets[i] + chunk_events, side="right")) - 1
         for cum, n in limits: j = min(j, int(np.searchsorted(cum, cum[i] + _cap(chunk_events, n), side="right")) - 1)
@@ -259,28 +265,33 @@ def chunks(p: Packed, chunk_events: int = 1 << 16,
     return out
 
 def chunk_arrays(p: Packed, i: int, j: int, E: int,
-                 marks: dict, # `event_marks` of the cohort
+                 marks: Marks, # `event_marks` of the cohort
                 ) -> tuple:
     "The flat kernel inputs of records i..j-1, padded to E rows: event columns, admissions and discharges before each row, and the rows of each compacted subset (E-padded)."
     a, b = p.offsets[i], p.offsets[j]
-    n, pad = b - a, E - (b - a)
+    n = b - a
     rec = np.repeat(np.arange(j - i, dtype=np.int32), np.diff(p.offsets[i:j + 1]))
     start = (p.offsets[i:j] - a).astype(np.int32)[rec]
     tg = p.tgroup[a:b]
-    gid = np.where(tg >= 0, tg - (tg[tg >= 0].min() if (tg >= 0).any() else 0), -1).astype(np.int32)
-    padded = lambda x, fill: np.pad(x, (0, pad), constant_values=fill)
-    def before(m):  # how many flagged rows precede each row (a host cumsum: XLA's CPU scan is slower)
+    timed = tg >= 0
+    gid = np.where(timed, tg - (tg[timed.argmax()] if n else 0), -1).astype(np.int32)  # time groups grow along the rows: the first is the least
+    def padded(x, fill):
+        out = np.empty(E, x.dtype)
+        out[:n], out[n:] = x, fill
+        return out
+    bits = marks.bits[a:b]
+    def before(k):  # how many flagged rows precede each row (a host cumsum: XLA's CPU scan is slower)
+        m = (bits & MARK_BITS[k]) > 0
         c = np.cumsum(m, dtype=np.int32)
         return padded(c - m, c[-1] if n else 0)
-    def rows(m, k):
-        f = np.flatnonzero(m)
-        out = np.full(_cap(E, k), E, np.int32)
+    def rows(k, d):
+        f = np.flatnonzero(bits & MARK_BITS[k])
+        out = np.full(_cap(E, d), E, np.int32)
         out[:len(f)] = f  # `chunks` bounds len(f) by the capacity
         return out
     return (padded(p.code[a:b], len(p.codes)), padded(np.ones(n, bool), False), padded(gid, -1), padded(p.sec[a:b], 0),
             padded(p.value[a:b], np.nan), padded(p.age[a:b], -1), padded(rec, j - i), padded(start, n),
-            padded(p.sex[i:j][rec], 0), before(marks["adm"][a:b]), before(marks["dis"][a:b]),
-            *(rows(marks[k][a:b], d) for k, d in SUBSETS.items()))
+            padded(p.sex[i:j][rec], 0), before("adm"), before("dis"), *(rows(k, d) for k, d in SUBSETS.items()))
 
 # %% ../nbs/09a_rules.ipynb #c89ada0c
 GROUPS = ("sex", "age", "lab_range", "visit", "visit_lab", "derived", "last", "same_time", "stay", "overlap",
@@ -382,9 +393,24 @@ def compile_rules(rules: pl.DataFrame, # `audit_rule_table()`
                "vis": reads("A", ("visit", "visit_lab")) | reads("B", ("visit",))}  # a stay's drugs, diagnoses: anchors and other codes
     return RuleTensors(r, groups, params, tables, derived, subsets)
 
-def event_marks(rt: RuleTensors, p: Packed) -> dict:
-    "Per event of `p` (bool): admission, discharge, and membership of each compacted subset."
-    return {"adm": rt.tables["adm"][p.code], "dis": rt.tables["dis"][p.code]} | {k: v[p.code] for k, v in rt.subsets.items()}
+MARK_BITS = {"adm": 1, "dis": 2, "rare": 4, "drv": 8, "vis": 16}
+
+@dataclass
+class Marks:
+    "What the host knows of each event beyond its columns: flags (`MARK_BITS`), and each record's events in each compacted subset."
+    bits: np.ndarray           # [E] uint8: admission, discharge, member of a subset
+    counts: dict               # subset -> [S] the record's events in it
+
+def event_marks(rt: RuleTensors, p: Packed, rows: int = 1 << 20) -> Marks:
+    "The events' flags (one gather from a per-code byte) and per-record subset counts (a million events at a time: no fresh 20M-row temporaries)."
+    lut = (rt.tables["adm"] * MARK_BITS["adm"] | rt.tables["dis"] * MARK_BITS["dis"]).astype(np.uint8)
+    for k, v in rt.subsets.items(): lut |= (v * MARK_BITS[k]).astype(np.uint8)
+    bits = lut.take(p.code)
+    counts = {k: np.zeros(len(p.subjects), np.int64) for k in SUBSETS}
+    for i, j in record_blocks(p.offsets, rows):
+        a, b, blk = p.offsets[i], p.offsets[j], bits[p.offsets[i]:p.offsets[j]]
+        for k in SUBSETS: counts[k][i:j] = np.add.reduceat((blk & MARK_BITS[k]) > 0, p.offsets[i:j] - a, dtype=np.int64)
+    return Marks(bits, counts)
 
 # %% ../nbs/09a_rules.ipynb #fc3efa13
 def _cmp(x, op, v):
@@ -649,19 +675,22 @@ class RuleAudit:
 
 def _grammar(df: pl.DataFrame, vocab, # the checked events and the vocabulary (None: fitted on them)
              offsets: np.ndarray, # [S + 1] first row of each record (`record_offsets`)
-             rows: int = 1 << 20, # events encoded at a time (whole records)
+             rows: int = 1 << 18, # events encoded at a time (whole records)
+             ranked: pl.Series | None = None, # `code_ranks(df)`, if computed already: encoded from it, no string lookups
             ) -> pl.DataFrame:
     "Records the tokenizer cannot encode or whose tokens break its grammar -> subject_id, detail."
     from synehr.tokenizer import encode, check_sequences, fit_vocab
     from synehr.cohort import fit_lab_stats
     ev = df.with_columns(pl.lit(None, pl.String).alias("text_value"))
     if vocab is None: vocab = fit_vocab(ev, fit_lab_stats(ev))
+    if ranked is not None: ev = ev.with_columns(code=ranked)
     def one(part):
-        enc = encode(part.with_columns(pl.col("code").cast(pl.Categorical)), vocab)  # categorical codes: each distinct code looked up once
+        if not isinstance(part["code"].dtype, (pl.Enum, pl.Categorical)): part = part.with_columns(pl.col("code").cast(pl.Categorical))
+        enc = encode(part, vocab)  # categorical codes (`code_ranks`' Enum): each distinct code looked up once
         bad = enc.filter(pl.col("problem").is_not_null()).select("subject_id", detail=pl.col("problem"))
         seq = check_sequences(enc.filter(pl.col("token_ids").is_not_null()).select("subject_id", "token_ids"), vocab)
         return pl.concat([bad, seq.select("subject_id", detail="grammar: " + pl.col("reason"))]).unique("subject_id", keep="first", maintain_order=True)
-    parts = [one(ev[int(offsets[i]):int(offsets[j])]) for i, j in record_blocks(offsets, rows)]  # 2.2x faster than at once on 20M events
+    parts = [one(ev[int(offsets[i]):int(offsets[j])]) for i, j in record_blocks(offsets, rows)]  # on 20M events: 2.2x faster than at once with 1M-row blocks, 1.4x more with 256k
     return pl.concat(parts) if parts else one(ev)
 
 def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subjects (real or synthetic)
@@ -674,9 +703,10 @@ def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subj
     "Audit every record against every rule: scores (judge contract), violations with their events, per-record counts, totals."
     t0 = _time.perf_counter()
     df = check_events(events)
+    ranked = code_ranks(df)
     pool = ThreadPoolExecutor(1) if grammar else None  # the grammar check (numpy, polars) runs while the packing and the kernel do
-    gram = pool.submit(_grammar, df, vocab, record_offsets(df["subject_id"].to_numpy())) if grammar else None
-    p = pack_events(df, checked=True)
+    gram = pool.submit(_grammar, df, vocab, record_offsets(df["subject_id"].to_numpy()), ranked=ranked) if grammar else None
+    p = pack_events(df, checked=True, ranked=ranked)
     table = audit_rule_table(rules, icd10cm)
     rt = compile_rules(table, p.codes)
     C = _pow2(len(p.codes) + 1, 256)

@@ -386,6 +386,8 @@ def _token_ids(code: pl.Series, vocab: Vocab) -> np.ndarray:
     if not len(code): return np.zeros(0, dtype=np.int32)
     other = vocab.unk_by_category["OTHER"]
     lookup = lambda uniq: [-2 if c == BIRTH else vocab.code_to_id.get(c, vocab.unk_by_category.get(category_of(c), other)) for c in uniq]
+    if isinstance(code.dtype, pl.Enum) and not code.null_count():  # an Enum's physical id is its index among its categories
+        return np.asarray(lookup(code.dtype.categories.to_list()) or [0], dtype=np.int32).take(code.to_physical().to_numpy())
     if code.dtype == pl.Categorical and not code.null_count():  # each distinct code once, then a gather by its physical id
         u = code.unique()
         up = u.to_physical().to_numpy()

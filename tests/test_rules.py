@@ -232,11 +232,12 @@ def test_chunk_size_does_not_change_the_verdict(pairs):
     many = Timeline([(10 * k + 1, "ICD10CM/R69", None) for k in range(40)], stays=[(10 * k, 10 * k + 4) for k in range(40)])
     ev = pl.concat([ev, many.complete().frame(9100)])
     p = pack_events(ev)
-    marks = event_marks(compile_rules(audit_rule_table(), p.codes), p)
+    rt = compile_rules(audit_rule_table(), p.codes)
+    marks = event_marks(rt, p)
     for n in (64, 256):
         parts = chunks(p, n, marks)
         assert all(j - i <= _cap(E) and p.n_adm[i:j].sum() <= _cap(E) and p.offsets[j] - p.offsets[i] <= E for i, j, E in parts)
-        assert all(marks[k][p.offsets[i]:p.offsets[j]].sum() <= _cap(E, d) for i, j, E in parts for k, d in SUBSETS.items())
+        assert all(rt.subsets[k][p.code[p.offsets[i]:p.offsets[j]]].sum() <= _cap(E, d) for i, j, E in parts for k, d in SUBSETS.items())
         assert max(E for *_, E in parts) >= 16 * 40  # the 40-stay record: alone, in a chunk big enough for its stays
     ref = audit_rules(ev)
     assert ref.per_record.filter(pl.col("subject_id") == 9100)["n_error"].item() == 0

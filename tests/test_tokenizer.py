@@ -120,6 +120,21 @@ def test_round_trip(data, vocab):
     assert encode(dec, vocab)["token_ids"].equals(enc["token_ids"])
 
 
+def test_code_dtypes_encode_alike(data, vocab):
+    "String, Categorical and Enum codes (the rule auditor passes an Enum over the cohort's codes, with unseen ones) give the same tokens."
+    _, _, _, train, _ = data
+    ref = encode(train, vocab)
+    extra = pl.DataFrame({"code": ["ICD10CM/ZZZ_UNSEEN", "ATC/ZZZ_UNSEEN"]})  # categories no event uses, and codes outside the vocabulary
+    odd = train.head(400).with_columns(pl.when(pl.int_range(pl.len()) % 97 == 5).then(pl.lit("ICD10CM/Q999")).otherwise("code").alias("code"))
+    for df in (train, odd):
+        want = encode(df, vocab)
+        cats = pl.concat([df.select("code"), extra])["code"].unique().sort()
+        for dt in (pl.Categorical, pl.Enum(cats)):
+            got = encode(df.with_columns(pl.col("code").cast(dt)), vocab)
+            assert got.equals(want), dt
+    assert ref.height == train["subject_id"].n_unique()
+
+
 @pytest.mark.parametrize("threshold", [0, 60])
 def test_round_trip_options(data, threshold):
     _, _, _, train, ls = data
