@@ -9,8 +9,9 @@ import pytest
 
 from synehr.data import BIRTH, DEATH, EVENT_SCHEMA
 from synehr.demo import prefixes, simulate_cohort
-from synehr.rules import (SCORES_SCHEMA, VIOLATIONS_SCHEMA, AuditError, ERROR_FACTOR, _cap, audit_rule_table, audit_rules,
-                          SUBSETS, chunks, compile_rules, event_marks, icd10cm_rules, pack_events)
+from synehr.rules import (SCORES_SCHEMA, SUBSETS, VIOLATIONS_SCHEMA, AuditError, ERROR_FACTOR, _cap, audit_rule_table,
+                          audit_rules, check_events, chunks, code_ranks, compile_rules, event_marks, icd10cm_rules,
+                          pack_events)
 
 T0 = datetime(2020, 1, 1, 8, 0)
 RULES = audit_rule_table()
@@ -300,3 +301,17 @@ def test_empty_input_and_a_record_without_events():
     a = audit_rules(ev)  # only static rows: the grammar refuses it (no birth), no clinical rule has anything to check
     assert a.violations.select("rule_id", "detail").rows() == [("GRAMMAR", "no MEDS_BIRTH")]
     assert a.scores.select("score", "passed").rows() == [(10 * ERROR_FACTOR, False)]
+
+
+def test_code_ranks_split_across_threads_agree():
+    "The codes' ranks come out the same however many threads share the pass (a code only the last part holds included)."
+    base = simulate_cohort(2000, seed=0)
+    last = pl.int_range(pl.len()) == 6 * base.height - 10
+    ev = check_events(pl.concat([base.with_columns(pl.col("subject_id") + k * 10**6) for k in range(6)])
+                      .with_columns(pl.when(last).then(pl.lit("ZZZ/only-here")).otherwise("code").alias("code")))
+    one = code_ranks(ev, workers=1)
+    assert one.dtype.categories.to_list() == sorted(ev["code"].unique().to_list())
+    assert (np.asarray(one.dtype.categories.to_list())[one.to_physical().to_numpy()] == ev["code"].to_numpy()).all()
+    for k in (2, 3):
+        got = code_ranks(ev, workers=k)
+        assert got.dtype == one.dtype and got.to_physical().equals(one.to_physical())
