@@ -242,7 +242,7 @@ def pack_events(events: pl.DataFrame | pl.LazyFrame,
     def lut(pred): return np.array([pred(x) for x in cl] or [False], bool)
     luts = {"birth": lut(lambda x: x == BIRTH), "sex": lut(lambda x: x in ("SEX/F", "SEX/M")), "female": lut(lambda x: x == "SEX/F"),
             "adm": lut(lambda x: x.startswith("ADMISSION/")), "dis": lut(lambda x: x.startswith("DISCHARGE/"))}
-    tgroup, sec, age = np.full(n, -1, np.int32), np.zeros(n, np.int32), np.full(n, -1, np.int32)
+    tgroup, sec, age = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)  # every row is written below (no fill pass)
     sex, n_adm = np.zeros(S, np.int8), np.zeros(S, np.int64)
     tg0 = 0
     for i, j in record_blocks(offs, rows):
@@ -277,11 +277,12 @@ def chunks(p: Packed, chunk_events: int = 1 << 16,
 def chunk_arrays(p: Packed, i: int, j: int, E: int,
                  marks: Marks, # `event_marks` of the cohort
                 ) -> tuple:
-    "The flat kernel inputs of records i..j-1, padded to E rows: event columns, admissions and discharges before each row, and the rows of each compacted subset (E-padded)."
+    "The flat kernel inputs of records i..j-1, padded to E rows: event columns, the rows in use, each record's first row and sex, admissions and discharges before each row, and the rows of the admissions and discharges and of each compacted subset (E-padded)."
     a, b = p.offsets[i], p.offsets[j]
-    n = b - a
+    n, A = b - a, _cap(E)
     rec = np.repeat(np.arange(j - i, dtype=np.int32), np.diff(p.offsets[i:j + 1]))
-    start = (p.offsets[i:j] - a).astype(np.int32)[rec]
+    rstart, rsex = np.full(A + 1, n, np.int32), np.zeros(A + 1, np.int8)
+    rstart[:j - i], rsex[:j - i] = p.offsets[i:j] - a, p.sex[i:j]
     tg = p.tgroup[a:b]
     timed = tg >= 0
     gid = np.where(timed, tg - (tg[timed.argmax()] if n else 0), -1).astype(np.int32)  # time groups grow along the rows: the first is the least
@@ -294,14 +295,14 @@ def chunk_arrays(p: Packed, i: int, j: int, E: int,
         m = (bits & MARK_BITS[k]) > 0
         c = np.cumsum(m, dtype=np.int32)
         return padded(c - m, c[-1] if n else 0)
-    def rows(k, d):
-        f = np.flatnonzero(bits & MARK_BITS[k])
+    def rows(bit, d):
+        f = np.flatnonzero(bits & bit)
         out = np.full(_cap(E, d), E, np.int32)
-        out[:len(f)] = f  # `chunks` bounds len(f) by the capacity
+        out[:len(f)] = f  # `chunks` bounds len(f) by the capacity (admissions and discharges: by the stays, 2 x E // 16)
         return out
-    return (padded(p.code[a:b], len(p.codes)), padded(np.ones(n, bool), False), padded(gid, -1), padded(p.sec[a:b], 0),
-            padded(p.value[a:b], np.nan), padded(p.age[a:b], -1), padded(rec, j - i), padded(start, n),
-            padded(p.sex[i:j][rec], 0), before("adm"), before("dis"), *(rows(k, d) for k, d in SUBSETS.items()))
+    return (padded(p.code[a:b], len(p.codes)), np.int32(n), padded(gid, -1), padded(p.sec[a:b], 0), padded(p.value[a:b], np.nan),
+            padded(p.age[a:b], -1), padded(rec, j - i), rstart, rsex, before("adm"), before("dis"),
+            rows(MARK_BITS["adm"] | MARK_BITS["dis"], PER_CHUNK // 2), *(rows(MARK_BITS[k], d) for k, d in SUBSETS.items()))
 
 # %% ../nbs/09a_rules.ipynb #c89ada0c
 GROUPS = ("sex", "age", "lab_range", "visit", "visit_lab", "derived", "last", "same_time", "stay", "overlap",
@@ -427,29 +428,39 @@ def _cmp(x, op, v):
     "x compared with v by the op code of each rule column (<, <=, >, >=)."
     return jnp.where(op == 0, x < v, jnp.where(op == 1, x <= v, jnp.where(op == 2, x > v, x >= v)))
 
-def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E, age_E, rec_E, start_E, sex_E, adm0_E, dis0_E,
-                rows_rare, rows_drv, rows_vis):
+def _audit_flat(rt: RuleTensors, tab: dict, code_E, n, gid_E, sec_E, val_E, age_E, rec_E, start_A, sex_A, adm0_E, dis0_E,
+                rows_sty, rows_rare, rows_drv, rows_vis):
     "checked_R (units checked per rule), vio_ExK (the rule column of each violating unit an event anchors, -1 for none) of the groups tested over every event, and (row, rule column) pairs of the compacted groups' violations."
     E, R = code_E.shape[0], len(rt.rules)
     A = _cap(E)  # at most this many records and stays in the chunk (`chunks` cuts it so): the size of per-record and per-stay tables
     P, G = rt.params, rt.groups
     pos_E = jnp.arange(E)
+    valid_E = pos_E < n
     timed_E = valid_E & (gid_E >= 0)
     tg_E = jnp.where(timed_E, gid_E, E)  # time group as a segment id (null times: a dummy segment)
     seg_min, seg_max, seg_sum = jax.ops.segment_min, jax.ops.segment_max, jax.ops.segment_sum
-    per_rec = lambda f, m: f(m, rec_E, A + 1)[rec_E]  # a per-record reduction, read back at each event
-    # stays: admissions and discharges numbered across the chunk (the host counts those before each row); the k-th of a record pairs with its k-th
-    def numbered(m, c):
-        gi = jnp.where(m, c, A)  # global number of each flagged event
-        return (gi, seg_min(jnp.where(m, tg_E, _BIG), gi, A + 1), c[start_E], per_rec(seg_sum, m.astype(jnp.int32)))
-    is_adm, is_dis = tab["adm"][code_E] & valid_E, tab["dis"][code_E] & valid_E
-    adm_i, adm_g, adm0, n_adm = numbered(is_adm, adm0_E)  # adm0: admissions before the record; n_adm: the record's
-    dis_i, dis_g, dis0, n_dis = numbered(is_dis, dis0_E)
-    k_E = jnp.where(timed_E, seg_max(adm0_E + is_adm, tg_E, E + 1)[tg_E] - 1, -1)  # last admission at or before the event's time
-    kl_E = k_E - adm0  # its rank within the record
+    def compact(rows_N):
+        "A compacted subset: its rows (clipped), whether each is a real event, and a reader of event columns at them."
+        i = jnp.minimum(rows_N, E - 1)
+        return i, (rows_N < E) & valid_E[i], lambda x: x[i]
+    # stays: admissions and discharges (their rows listed by the host, with how many of each precede every row) numbered
+    # across the chunk; the k-th of a record pairs with its k-th
+    iS, okS, atS = compact(rows_sty)
+    code_S, rec_S, gid_S, timed_S = atS(code_E), atS(rec_E), atS(gid_E), atS(timed_E)
+    tg_S = jnp.where(timed_S, gid_S, E)
+    def numbered(m_S, c_E):
+        gi = jnp.where(m_S, c_E[iS], A)  # global number of each flagged event
+        first = c_E[jnp.minimum(start_A, E - 1)]  # flagged events before each record
+        return gi, seg_min(jnp.where(m_S, tg_S, _BIG), gi, A + 1), first, seg_sum(m_S.astype(jnp.int32), rec_S, A + 1)
+    is_adm, is_dis = tab["adm"][code_S] & okS, tab["dis"][code_S] & okS
+    adm_i, adm_g, adm0_A, n_adm_A = numbered(is_adm, adm0_E)  # per record: admissions before it, and its own
+    dis_i, dis_g, dis0_A, n_dis_A = numbered(is_dis, dis0_E)
+    adm1_E = adm0_E + (tab["adm"][code_E] & valid_E)  # admissions up to and including each row
+    k_E = jnp.where(timed_E, seg_max(adm1_E, tg_E, E + 1)[tg_E] - 1, -1)  # last admission at or before the event's time
+    kl_E = k_E - adm0_A[rec_E]  # its rank within the record
     kc_E = jnp.clip(k_E, 0, A)
-    dc_E = jnp.clip(dis0 + kl_E, 0, A)
-    inv_E = timed_E & (kl_E >= 0) & (kl_E < n_dis) & (adm_g[kc_E] <= gid_E) & (gid_E <= dis_g[dc_E])
+    dc_E = jnp.clip(dis0_A[rec_E] + kl_E, 0, A)
+    inv_E = timed_E & (kl_E >= 0) & (kl_E < n_dis_A[rec_E]) & (adm_g[kc_E] <= gid_E) & (gid_E <= dis_g[dc_E])
     stay_E = jnp.where(inv_E, k_E, A)
     checked, vio, sparse = jnp.zeros(R + 1, jnp.int32), [], []  # checked[R]: where the empty slots count
     def dense(s, c_ExW, v_ExW, at=None):  # a group tested on all its rule columns (at: the rows of a compacted subset)
@@ -464,10 +475,6 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
         if at is None: vio.append(v_NxK)
         else: sparse.append((jnp.broadcast_to(at if at.ndim == 2 else at[:, None], v_NxK.shape).reshape(-1), v_NxK.reshape(-1)))
     par = lambda x, r_ExK: jnp.asarray(x)[jnp.maximum(r_ExK, 0)]  # a rule parameter at each slot
-    def compact(rows_N):
-        "A compacted subset: its rows (clipped), whether each is a real event, and a reader of event columns at them."
-        i = jnp.minimum(rows_N, E - 1)
-        return i, (rows_N < E) & valid_E[i], lambda x: x[i]
     def first_of(m_NxW, seg_N, n):
         "The first flagged row of each segment, per column, among the rows of a subset (kept in event order)."
         q = jnp.arange(m_NxW.shape[0])[:, None]
@@ -506,7 +513,7 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
         if g == "sex":
             r = tab["A:sex"][code_R]
             m = (r >= 0) & okR[:, None]
-            slotted(r, m, m & (atR(sex_E)[:, None] != par(P["sex"], r)), iR)
+            slotted(r, m, m & (sex_A[rec_R][:, None] != par(P["sex"], r)), iR)
         elif g == "age":
             r = tab["A:age"][code_R]
             c = (r >= 0) & okR[:, None] & timed_R[:, None]
@@ -529,7 +536,7 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
         elif g == "visit_lab":
             ra = tab["A:visit_lab"][code_V]
             sx = par(P["sex"], ra)
-            first = first_in_stay(s, ra, (ra >= 0) & (okV & inv_V)[:, None] & ((sx == 0) | (sx == atV(sex_E)[:, None])), stay_V)
+            first = first_in_stay(s, ra, (ra >= 0) & (okV & inv_V)[:, None] & ((sx == 0) | (sx == sex_A[atV(rec_E)][:, None])), stay_V)
             n, top, low = stay_labs(g, ra, stay_V)
             rise = jnp.round((top - low) * 1e4) >= par(np.round(P["value"] * 1e4), ra)  # at 4 decimals, as the reference rounds (exact in units of 1e-4)
             op5 = par(P["op"], ra) == 5
@@ -549,7 +556,7 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
             anchor = tab["lab"][:, s][atD(code_E)] & (okD & timed_D)[:, None] & (fp_D[:, ins[:, 0]] == iD[:, None])
             age_D = atD(age_E)
             age = jnp.where(age_D >= 0, age_D, jnp.nan).astype(jnp.float32)[:, None]
-            mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(atD(sex_E)[:, None] == 1, 0.742, 1.0)
+            mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(sex_A[atD(rec_E)][:, None] == 1, 0.742, 1.0)
             frm = P["formula"][s]
             f = jnp.where(frm == 0, mdrd, jnp.where(frm == 1, i1 - i2 - i3, jnp.where(i3 < 400, i1 - i2 - i3 / 5, jnp.nan)))
             need = jnp.where(frm == 0, ~jnp.isnan(i1), jnp.where(frm == 1, ~(jnp.isnan(i1) | jnp.isnan(i2) | jnp.isnan(i3)), True))
@@ -568,19 +575,21 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
             has = jnp.zeros((E + 1, w), jnp.int8).at[jnp.where(b & timed_R[:, None], tg_R[:, None], E), cw].max(jnp.int8(1))
             dense(s, a, a & ~(timed_R[:, None] & (has[tg_R[:, None], cw] > 0)), iR)
         elif g == "stay":  # each admission, and each discharge beyond the record's admissions, is a stay
-            kd = dis_i - dis0  # a discharge's rank within the record
-            has_dis = is_adm & (adm_i - adm0 < n_dis)
-            dg = dis_g[jnp.clip(dis0 + (adm_i - adm0), 0, A)]
-            nxt = jnp.where(adm_i - adm0 + 1 < n_adm, adm_g[jnp.clip(adm_i + 1, 0, A)], _BIG)
-            ok = has_dis & timed_E & (dg > gid_E) & (dg <= nxt)
-            unit = is_adm | (is_dis & (kd >= n_adm))
-            bad = unit & ~ok
-            dense(s, jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+            a0, d0, na, nd = adm0_A[rec_S], dis0_A[rec_S], n_adm_A[rec_S], n_dis_A[rec_S]
+            has_dis = is_adm & (adm_i - a0 < nd)
+            dg = dis_g[jnp.clip(d0 + (adm_i - a0), 0, A)]
+            nxt = jnp.where(adm_i - a0 + 1 < na, adm_g[jnp.clip(adm_i + 1, 0, A)], _BIG)
+            ok = has_dis & timed_S & (dg > gid_S) & (dg <= nxt)
+            unit = is_adm | (is_dis & (dis_i - d0 >= na))  # dis_i - d0: a discharge's rank within the record
+            shape = (len(iS), w)
+            dense(s, jnp.broadcast_to(unit[:, None], shape), jnp.broadcast_to((unit & ~ok)[:, None], shape), iS)
         elif g == "overlap":  # each admission after the record's first
-            prev_dg = dis_g[jnp.clip(dis0 + (adm_i - adm0) - 1, 0, A)]
-            unit = is_adm & (adm_i - adm0 >= 1)
-            bad = unit & ~((adm_i - adm0 - 1 < n_dis) & timed_E & (gid_E >= prev_dg))
-            dense(s, jnp.broadcast_to(unit[:, None], (E, w)), jnp.broadcast_to(bad[:, None], (E, w)))
+            a0, d0, nd = adm0_A[rec_S], dis0_A[rec_S], n_dis_A[rec_S]
+            prev_dg = dis_g[jnp.clip(d0 + (adm_i - a0) - 1, 0, A)]
+            unit = is_adm & (adm_i - a0 >= 1)
+            bad = unit & ~((adm_i - a0 - 1 < nd) & timed_S & (gid_S >= prev_dg))
+            shape = (len(iS), w)
+            dense(s, jnp.broadcast_to(unit[:, None], shape), jnp.broadcast_to(bad[:, None], shape), iS)
         elif g == "within_visit":
             a = tab["A"][:, s][code_E] & valid_E[:, None]
             dense(s, a, a & ~inv_E[:, None])
@@ -605,7 +614,7 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, valid_E, gid_E, sec_E, val_E
             prev = jax.lax.cummax(jnp.where(fr, q, -1), axis=0)
             prev = jnp.concatenate([jnp.full((1, w), -1, prev.dtype), prev[:-1]], 0)  # the previous one, any record
             pc = jnp.clip(prev, 0, len(iR) - 1)
-            unit = fr & (prev >= 0) & (iR[pc] >= atR(start_E)[:, None])
+            unit = fr & (prev >= 0) & (iR[pc] >= start_A[rec_R][:, None])
             sec_R = atR(sec_E)
             dense(s, unit, unit & (sec_R[:, None] - sec_R[pc] < val * 86400), iR)
     vio_ExK = jnp.concatenate(vio, 1) if vio else jnp.full((E, 1), -1, jnp.int32)
