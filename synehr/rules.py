@@ -256,7 +256,7 @@ SUBSETS = {"rare": 32, "drv": 4, "vis": 8}  # event subsets the kernel tests com
 
 def _cap(E: int, n: int = PER_CHUNK) -> int: return max(1, E // n)
 
-def chunks(p: Packed, chunk_events: int = 1 << 16,
+def chunks(p: Packed, chunk_events: int = 1 << 17,
            marks: Marks | None = None, # `event_marks`: also bound each compacted subset to E // `SUBSETS`[name] events
           ) -> list:
     "Consecutive records in chunks of at most E rows, `_cap(E)` records and `_cap(E)` stays: [(first record, end record, E)], E = `chunk_events` (a record too long or with too many stays alone: E to a power of two that fits it)."
@@ -717,7 +717,7 @@ def audit_rules(events: pl.DataFrame | pl.LazyFrame, # MEDS events of whole subj
                 icd10cm: bool = True, # also check ICD-10-CM's sex and age edits (`icd10cm_rules`)
                 grammar: bool = True, # also check the tokenizer's structural grammar (rule GRAMMAR)
                 vocab=None, # the vocabulary for the grammar check (default: fitted on `events`)
-                chunk_events: int = 1 << 16, # events per kernel call (memory ~ chunk_events x rules bytes)
+                chunk_events: int = 1 << 17, # events per kernel call (memory ~ chunk_events x rules bytes)
                ) -> RuleAudit:
     "Audit every record against every rule: scores (judge contract), violations with their events, per-record counts, totals."
     t0 = _time.perf_counter()
