@@ -544,22 +544,29 @@ def _audit_flat(rt: RuleTensors, tab: dict, code_E, n, gid_E, sec_E, val_E, age_
             slotted(ra, unit, unit & ~jnp.where(op5, rise, passes(ra, top, low)), iV)
         elif g == "derived":  # the derived labs' events (compacted) against the value derived from their draw's inputs
             iD, okD, atD = compact(rows_drv)
-            J = len(rt.derived["labs"])
+            N, J = len(iD), len(rt.derived["labs"])
+            timed_D = okD & atD(timed_E)
+            tg_D = jnp.where(timed_D, atD(tg_E), E)
+            own = jnp.full(E + 1, N, jnp.int32).at[tg_D].min(jnp.arange(N, dtype=jnp.int32)).at[E].set(N)  # each time group's first listed row
+            o_E = own[tg_E]
             j_E = tab["lab_j"][code_E]
-            key = jnp.where(timed_E & (j_E >= 0), tg_E * J + j_E, E * J)
-            fp = seg_min(pos_E, key, E * J + 1)[:E * J].reshape(E, J)  # first row of lab j in each time group
-            timed_D = atD(timed_E)
-            fp_D = fp[jnp.clip(atD(tg_E), 0, E - 1)]  # [N, J] at each event's time
-            draw = jnp.concatenate([jnp.where(fp_D < E, val_E[jnp.clip(fp_D, 0, E - 1)], jnp.nan), jnp.full((len(iD), 1), jnp.nan)], 1)
+            key = jnp.where((j_E >= 0) & (o_E < N), o_E * J + j_E, N * J)
+            fp = seg_min(pos_E, key, N * J + 1)[:N * J].reshape(N, J)  # first row of lab j in the time group of each listed row's draw
+            fp_D = fp[jnp.minimum(own[tg_D], N - 1)]  # [N, J] at each listed row's time
+            draw = jnp.concatenate([jnp.where(fp_D < E, val_E[jnp.clip(fp_D, 0, E - 1)], jnp.nan), jnp.full((N, 1), jnp.nan)], 1)
             ins = rt.derived["inputs"]
             y, i1, i2, i3 = (draw[:, ins[:, q]] for q in range(4))
-            anchor = tab["lab"][:, s][atD(code_E)] & (okD & timed_D)[:, None] & (fp_D[:, ins[:, 0]] == iD[:, None])
+            anchor = tab["lab"][:, s][atD(code_E)] & timed_D[:, None] & (fp_D[:, ins[:, 0]] == iD[:, None])
             age_D = atD(age_E)
-            age = jnp.where(age_D >= 0, age_D, jnp.nan).astype(jnp.float32)[:, None]
-            mdrd = 175.0 * i1 ** -1.154 * age ** -0.203 * jnp.where(sex_A[atD(rec_E)][:, None] == 1, 0.742, 1.0)
-            frm = P["formula"][s]
-            f = jnp.where(frm == 0, mdrd, jnp.where(frm == 1, i1 - i2 - i3, jnp.where(i3 < 400, i1 - i2 - i3 / 5, jnp.nan)))
-            need = jnp.where(frm == 0, ~jnp.isnan(i1), jnp.where(frm == 1, ~(jnp.isnan(i1) | jnp.isnan(i2) | jnp.isnan(i3)), True))
+            age = jnp.where(age_D >= 0, age_D, jnp.nan).astype(jnp.float32)
+            female = jnp.where(sex_A[atD(rec_E)] == 1, 0.742, 1.0)
+            fs, needs = [], []
+            for q, fq in enumerate(P["formula"][s]):  # each rule's own formula (static), not all three on every column
+                a, b, c3 = i1[:, q], i2[:, q], i3[:, q]
+                if fq == 0: fs.append(175.0 * a ** -1.154 * age ** -0.203 * female); needs.append(~jnp.isnan(a))
+                elif fq == 1: fs.append(a - b - c3); needs.append(~(jnp.isnan(a) | jnp.isnan(b) | jnp.isnan(c3)))
+                else: fs.append(jnp.where(c3 < 400, a - b - c3 / 5, jnp.nan)); needs.append(jnp.ones(N, bool))
+            f, need = jnp.stack(fs, 1), jnp.stack(needs, 1)
             c = anchor & ~jnp.isnan(y) & need
             dense(s, c, c & ~(jnp.abs(y - f) <= val), iD)
         elif g == "last":  # the first event after the record's first death time, if any
