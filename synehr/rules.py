@@ -212,11 +212,12 @@ def _pack_block(t: np.ndarray, code: np.ndarray, lo: np.ndarray, luts: dict, tg0
     return tgroup, sec, age, sex, n_adm, int(tgroup.max(initial=tg0 - 1)) + 1
 
 def code_ranks(df: pl.DataFrame,
-               workers: int | None = None, # threads (default: the cores; polars releases the GIL); one below 2M events
+               workers: int | None = None, # threads (default: the cores this process may use; polars releases the GIL); one below 2M events
               ) -> pl.Series:
     "The code column as an Enum over the cohort's sorted codes (its physical value: each event's rank); the one pass over the strings."
     c = df["code"]
-    k = max(1, min(workers or os.cpu_count() or 1, len(c) // (1 << 20)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # the cores this process may use
+    k = max(1, min(workers or cores, len(c) // (1 << 20)))
     if k == 1: return c.cast(pl.Enum(c.unique().sort()))
     cut = np.linspace(0, len(c), k + 1).astype(np.int64)
     parts = [c[int(a):int(b)] for a, b in zip(cut[:-1], cut[1:])]
