@@ -26,8 +26,8 @@ __all__ = ['SPECIAL_TOKENS', 'PAD', 'START_RECORD', 'END_RECORD', 'START_VISIT',
            'HEADER_CATEGORIES', 'VISIT_CATEGORIES', 'FIXED_CODE_CATEGORIES', 'VOCAB_SCHEMA', 'LAB_EDGE_COLUMNS',
            'KINDS', 'STATES', 'TRANSITIONS', 'STATE_FLAGS', 'PROBLEMS', 'STRUCTURAL_UNK', 'TOKENS_SCHEMA', 'gap_bucket',
            'category_of', 'category_expr', 'token_name', 'Vocab', 'fit_vocab', 'Grammar', 'check_sequences',
-           'EncodeError', 'canonical_order', 'encode', 'hash_uniform', 'value_bins', 'decode', 'subject_chunks',
-           'write_tokens', 'read_tokens', 'make_batches']
+           'EncodeError', 'canonical_order', 'encode', 'encode_problems', 'hash_uniform', 'value_bins', 'decode',
+           'subject_chunks', 'write_tokens', 'read_tokens', 'make_batches']
 
 # %% ../nbs/03_tokenizer.ipynb #7d20492b
 SPECIAL_TOKENS = ("PAD", "START_RECORD", "END_RECORD", "START_VISIT", "END_VISIT", "DEATH")
@@ -457,7 +457,9 @@ def _lab_value_tokens(tok: np.ndarray, v: np.ndarray, vocab: Vocab) -> np.ndarra
     for cut in vocab.cuts32: k += v32 > cut.take(tok)  # `take`: a faster gather than fancy indexing
     return (vocab.shared_q1 if vocab.shared_q1 >= 0 else vocab.value_base[tok]) + k
 
-def _encode_frame(df: pl.DataFrame, vocab: Vocab, gap_threshold_min: int) -> tuple[pl.DataFrame, dict]:
+def _encode_frame(df: pl.DataFrame, vocab: Vocab, gap_threshold_min: int,
+                  tokens: bool = True, # False: the verdict alone -> (subject_id, problem), no tokens built
+                 ) -> tuple[pl.DataFrame, dict]:
     "Encode the events of whole subjects -> (subject_id, token_ids, problem), counts."
     p = _prepare(df, vocab)
     ns, body, V = p["ns"], p["body"], len(vocab)
@@ -500,6 +502,8 @@ def _encode_frame(df: pl.DataFrame, vocab: Vocab, gap_threshold_min: int) -> tup
     prob[si[bad]] = np.where(prob[si[bad]] == 0, rp[bad], prob[si[bad]])
     prob[(prob == 0) & unclosed] = _P["visit without a DISCHARGE"]
     good = prob == 0
+    problem = pl.Series("problem", np.asarray(PROBLEMS, dtype=object)[prob], dtype=pl.String).replace("", None)
+    if not tokens: return pl.DataFrame({"subject_id": p["subjects"], "problem": problem}), {"subjects": ns, "subjects_with_problems": int(ns - good.sum())}
     # ---- the tokens of each visit event: [gap] [START_VISIT] token [value] [END_VISIT]
     thr = int(gap_threshold_min) * MIN_US
     has_gap = np.where(is_adm, same, np.where(is_death, same & ~death_in_visit, (dt >= thr) & (dt > 0)))
@@ -536,9 +540,7 @@ def _encode_frame(df: pl.DataFrame, vocab: Vocab, gap_threshold_min: int) -> tup
         out[pos.take(w)] = val.take(w) if isinstance(val, np.ndarray) else val
         pos += m
     arr = pa.LargeListArray.from_arrays(pa.array(offs), pa.array(out), mask=pa.array(~good))
-    res = pl.DataFrame({"subject_id": p["subjects"], "token_ids": pl.Series(arr).cast(pl.List(pl.Int32)),
-                        "problem": pl.Series(np.asarray(PROBLEMS, dtype=object)[prob], dtype=pl.String)}).with_columns(
-        pl.col("problem").replace("", None))
+    res = pl.DataFrame({"subject_id": p["subjects"], "token_ids": pl.Series(arr).cast(pl.List(pl.Int32)), "problem": problem})
     unk = np.array(sorted(vocab.unk_by_category.values()))
     counts = np.bincount(out, minlength=V)[unk]
     stats = {"subjects": ns, "subjects_with_problems": int(ns - len(g)), "events": len(df), "tokens": int(len(out)),
@@ -553,6 +555,13 @@ def encode(events: pl.DataFrame | pl.LazyFrame, # MEDS events sorted by subject_
     "Each subject's token ids -> subject_id, token_ids, problem (token_ids is null where problem says why)."
     df = events.collect() if isinstance(events, pl.LazyFrame) else events
     return _encode_frame(df, vocab, vocab.gap_threshold_min if cfg is None else cfg.gap_threshold_min)[0]
+
+def encode_problems(events: pl.DataFrame | pl.LazyFrame, # MEDS events sorted by subject_id and time
+                    vocab: Vocab,
+                   ) -> pl.DataFrame:
+    "`encode`'s verdict alone -> subject_id, problem (null where the subject is accepted), without building any token."
+    df = events.collect() if isinstance(events, pl.LazyFrame) else events
+    return _encode_frame(df, vocab, vocab.gap_threshold_min, tokens=False)[0]
 
 # %% ../nbs/03_tokenizer.ipynb #256e5612
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -8,8 +8,8 @@ from synehr.core import RunConfig
 from synehr.data import BIRTH, DEATH, events_frame, make_splits, read_meds, validate_events, write_meds
 from synehr.demo import simulate_cohort
 from synehr.tokenizer import (DEATH_ID, END_RECORD, GAP_BASE, GAP_TOKENS, KINDS, MIN_US, PAD, START_RECORD, YEAR_US,
-                              EncodeError, Grammar, Vocab, canonical_order, check_sequences, decode, encode, fit_vocab,
-                              gap_bucket, make_batches, read_tokens, value_bins, write_tokens)
+                              EncodeError, Grammar, Vocab, canonical_order, check_sequences, decode, encode, encode_problems,
+                              fit_vocab, gap_bucket, make_batches, read_tokens, value_bins, write_tokens)
 
 N, SEED = 120, 7
 LAB_Q = {"p01": .01, **{f"q{10 * i}": i / 10 for i in range(1, 10)}, "p99": .99}
@@ -118,6 +118,33 @@ def test_round_trip(data, vocab):
     assert age(t0["time"], birth(can)).equals(age(t1["time"], birth(dec)))
     # and the strongest form: re-encoding the decoded events gives the same tokens
     assert encode(dec, vocab)["token_ids"].equals(enc["token_ids"])
+
+
+UNSEEN = ["LAB/99999", "LAB/12345", "ICD10CM/ZZ9", "ICD10PCS/0ZZZZZZ", "ATC/Z99ZZ99", "ADMISSION/ODD", "DISCHARGE/ODD",
+          "RACE/ODD", "SEX/X", "MARITAL_STATUS/ODD", "WEIRD/THING"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_accepted_records_are_grammatical(seed):
+    "Every record `encode` accepts becomes a grammatical sequence, even from corrupted events with unseen codes of every kind; `encode_problems` gives the same verdict without tokens (the rule auditor's grammar check relies on both)."
+    ev = simulate_cohort(400, seed=seed)
+    vocab = fit_vocab(ev, lab_stats(ev), RunConfig())
+    rng = np.random.default_rng(seed)
+    n, codes = len(ev), ev["code"].unique().to_numpy()
+    code = np.where(rng.random(n) < 0.004, rng.choice(codes, n), ev["code"].to_numpy())  # a code where another was
+    odd = rng.random(n) < 0.004
+    code = np.where(odd, rng.choice(UNSEEN, n), code)  # codes the vocabulary has never seen
+    value = np.where(odd & (rng.random(n) < 0.5), rng.normal(0, 100, n), ev["numeric_value"].to_numpy())
+    days = np.where(rng.random(n) < 0.003, rng.integers(-20, 20, n), 0)  # events moved in time
+    bad = (ev.with_columns(code=pl.Series(code), numeric_value=pl.Series(value, dtype=pl.Float32),
+                           time=pl.col("time") + pl.duration(days=pl.Series(days)))
+           .sort("subject_id", "time", nulls_last=False, maintain_order=True))
+    enc = encode(bad, vocab)
+    accepted = enc.filter(pl.col("problem").is_null())
+    assert 0.3 * len(enc) < len(accepted) < 0.9 * len(enc)  # both verdicts are well represented
+    assert len(check_sequences(accepted.select("subject_id", "token_ids"), vocab)) == 0
+    assert encode_problems(bad, vocab).equals(enc.select("subject_id", "problem"))
+    assert encode_problems(ev, vocab)["problem"].null_count() == ev["subject_id"].n_unique()
 
 
 def test_code_dtypes_encode_alike(data, vocab):
