@@ -197,18 +197,20 @@ def _pack_block(t: np.ndarray, code: np.ndarray, lo: np.ndarray, luts: dict, tg0
     new[1:] |= t[1:] != t[:-1]
     tgroup = np.cumsum(new & timed, dtype=np.int32) + np.int32(tg0 - 1)
     tgroup[~timed] = -1
-    is_birth = luts["birth"][code]
+    ci = code.astype(np.intp)  # numpy converts int32 indexes on every gather: once here
+    is_birth = luts["birth"].take(ci)
     origin = np.minimum.reduceat(np.where(timed & ~is_birth, t, big), lo[:-1])  # each record's first timed event (records are never empty)
     birth = np.minimum.reduceat(np.where(timed & is_birth, t, big), lo[:-1])
-    has_o, has_b = origin[si] != big, birth[si] != big
-    sec = np.where(timed & has_o, (t - np.where(has_o, origin[si], 0)) // 1_000_000, 0)
+    o_e, b_e = np.repeat(origin, np.diff(lo)), np.repeat(birth, np.diff(lo))  # at each event (a repeat: cheaper than a gather)
+    has_o, has_b = o_e != big, b_e != big
+    sec = np.where(timed & has_o, (t - np.where(has_o, o_e, 0)) // 1_000_000, 0)
     sec = np.clip(sec, -_BIG, _BIG).astype(np.int32)
-    age = np.where(timed & has_b, np.floor((t - np.where(has_b, birth[si], 0)) / _YEAR_US), -1).astype(np.int32)
+    age = np.where(timed & has_b, np.floor((t - np.where(has_b, b_e, 0)) / _YEAR_US), -1).astype(np.int32)
     sex = np.zeros(S, np.int8)
-    f = np.flatnonzero(luts["sex"][code])
+    f = np.flatnonzero(luts["sex"].take(ci))
     f = f[np.r_[True, si[f][1:] != si[f][:-1]]] if len(f) else f  # the first SEX row of each record
     sex[si[f]] = np.where(luts["female"][code[f]], 1, 2)
-    n_adm = np.maximum(np.bincount(si[luts["adm"][code]], minlength=S), np.bincount(si[luts["dis"][code]], minlength=S))
+    n_adm = np.maximum(np.add.reduceat(luts["adm"].take(ci), lo[:-1], dtype=np.int64), np.add.reduceat(luts["dis"].take(ci), lo[:-1], dtype=np.int64))
     return tgroup, sec, age, sex, n_adm, int(tgroup.max(initial=tg0 - 1)) + 1
 
 def code_ranks(df: pl.DataFrame,
@@ -417,10 +419,11 @@ def event_marks(rt: RuleTensors, p: Packed, rows: int = 1 << 20) -> Marks:
     "The events' flags (one gather from a per-code byte) and per-record subset counts (a million events at a time: no fresh 20M-row temporaries)."
     lut = (rt.tables["adm"] * MARK_BITS["adm"] | rt.tables["dis"] * MARK_BITS["dis"]).astype(np.uint8)
     for k, v in rt.subsets.items(): lut |= (v * MARK_BITS[k]).astype(np.uint8)
-    bits = lut.take(p.code)
+    bits = np.empty(len(p.code), np.uint8)
     counts = {k: np.zeros(len(p.subjects), np.int64) for k in SUBSETS}
     for i, j in record_blocks(p.offsets, rows):
-        a, b, blk = p.offsets[i], p.offsets[j], bits[p.offsets[i]:p.offsets[j]]
+        a, b = p.offsets[i], p.offsets[j]
+        blk = bits[a:b] = lut.take(p.code[a:b].astype(np.intp))  # a block's index conversion stays small (whole: a 166 MB temporary)
         for k in SUBSETS: counts[k][i:j] = np.add.reduceat((blk & MARK_BITS[k]) > 0, p.offsets[i:j] - a, dtype=np.int64)
     return Marks(bits, counts)
 
