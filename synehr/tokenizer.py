@@ -474,8 +474,6 @@ def _encode_frame(df: pl.DataFrame, vocab: Vocab, gap_threshold_min: int,
     cs = np.cumsum(delta)
     open_after = cs - (cs - delta).take(fidx).take(of_subject) if n else cs
     open_before = open_after - delta
-    dt = np.where(same, t - np.r_[0, t[:-1]], 0) if n else t
-    death_in_visit = is_death & same & (np.r_[-1, kind[:-1]] == _K["discharge"]) & (dt == 0) if n else is_death
     nd = np.cumsum(is_death)
     deaths_before = nd - is_death - (nd - is_death).take(fidx).take(of_subject) if n else nd
     # ---- problems: the subject's own first, else its first bad event
@@ -505,6 +503,8 @@ def _encode_frame(df: pl.DataFrame, vocab: Vocab, gap_threshold_min: int,
     problem = pl.Series("problem", np.asarray(PROBLEMS, dtype=object)[prob], dtype=pl.String).replace("", None)
     if not tokens: return pl.DataFrame({"subject_id": p["subjects"], "problem": problem}), {"subjects": ns, "subjects_with_problems": int(ns - good.sum())}
     # ---- the tokens of each visit event: [gap] [START_VISIT] token [value] [END_VISIT]
+    dt = np.where(same, t - np.r_[0, t[:-1]], 0) if n else t
+    death_in_visit = is_death & same & (np.r_[-1, kind[:-1]] == _K["discharge"]) & (dt == 0) if n else is_death
     thr = int(gap_threshold_min) * MIN_US
     has_gap = np.where(is_adm, same, np.where(is_death, same & ~death_in_visit, (dt >= thr) & (dt > 0)))
     val_tok = np.full(n, -1, dtype=np.int64)
