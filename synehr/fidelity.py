@@ -24,8 +24,8 @@ from .kde import _body, gaps_table, visits_table
 # %% auto #0
 __all__ = ['CLINICAL', 'REQUIRED', 'PROB_FAMILIES', 'PREVALENCE', 'COOC_CATEGORIES', 'TIME_FAMILIES', 'REAL_C', 'SYNTH_C',
            'HEADLINE', 'FidelityInputError', 'check_events', 'subject_weights', 'ci', 'summarize', 'EventUnits',
-           'visit_code_rows', 'event_units', 'boot_totals', 'agreement', 'bland_altman_exact_ci', 'dist_stats',
-           'FidelityData', 'prepare', 'length_fidelity', 'probability_fidelity', 'prevalence_fidelity',
+           'visit_code_rows', 'pair_counts', 'event_units', 'boot_totals', 'agreement', 'bland_altman_exact_ci',
+           'dist_stats', 'FidelityData', 'prepare', 'length_fidelity', 'probability_fidelity', 'prevalence_fidelity',
            'matrix_similarity', 'cooccurrence', 'lab_fidelity', 'time_tables', 'time_fidelity', 'demographic_fidelity',
            'plot_probabilities', 'plot_prevalence', 'plot_cooccurrence', 'plot_labs', 'plot_time', 'plot_demographics',
            'FidelityReport', 'fidelity_report']
@@ -107,31 +107,46 @@ def visit_code_rows(events: pl.DataFrame, code_index: pl.DataFrame) -> pl.DataFr
     new = (pl.col("sidx") != pl.col("sidx").shift(1)) | (pl.col("visit") != pl.col("visit").shift(1))
     return b.with_columns(vid=new.fill_null(True).cum_sum().cast(pl.Int64) - 1).select("sidx", "vid", "cidx")
 
-def _pairs_same(vid: np.ndarray, cidx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "All pairs (i<j) of rows in the same visit (rows sorted by vid, cidx): first and second row positions."
-    n = len(vid)
-    if n == 0: return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    end = np.r_[np.flatnonzero(np.diff(vid)) + 1, n]           # exclusive end of each visit
-    vend = np.repeat(end, np.diff(np.r_[0, end]))
-    cnt = vend - np.arange(n) - 1
-    first = np.repeat(np.arange(n), cnt)
-    off = np.arange(len(first)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    return first, first + 1 + off
+def _per_subject(G: sp.csr_matrix, n: int, V: int, upper: bool) -> sp.csr_matrix:
+    "A (subject, code a) x code b product as subjects x pair keys a*V+b (only a < b when `upper`)."
+    per_row = np.diff(G.indptr)
+    a = np.repeat(np.tile(np.arange(V, dtype=G.indices.dtype), n), per_row)  # each entry's code a
+    b = G.indices
+    if upper:
+        keep = a < b
+        per_row = np.bincount(np.repeat(np.arange(n * V), per_row)[keep], minlength=n * V) if n * V else per_row
+        a, b, data = a[keep], b[keep], G.data[keep]
+    else: data = G.data
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(per_row.reshape(n, V).sum(1), out=indptr[1:])
+    return sp.csr_matrix((data, a.astype(np.int64) * V + b, indptr), shape=(n, V * V))
 
-def _pairs_seq(sidx: np.ndarray, vid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "All pairs (row in visit t, row in visit t+1 of the same subject): first and second row positions."
-    n = len(vid)
-    if n == 0: return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    nv = vid[-1] + 1
-    start = np.searchsorted(vid, np.arange(nv + 1))              # rows of visit v: start[v]:start[v+1]
-    size = np.diff(start)
-    vsub = sidx[start[:-1]]
-    has_next = np.r_[vsub[1:] == vsub[:-1], False]
-    nxt_size = np.where(has_next, np.r_[size[1:], 0], 0)
-    cnt = nxt_size[vid]
-    first = np.repeat(np.arange(n), cnt)
-    off = np.arange(len(first)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    return first, start[vid[first] + 1] + off
+def pair_counts(sidx: np.ndarray, vid: np.ndarray, cidx: np.ndarray, # `visit_code_rows` as arrays (sorted)
+                n: int, V: int, # subjects, codes
+                max_rows: int = 1 << 22, # subjects x codes per block (a product's rows: bounds its memory)
+               ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    "Per-subject same-visit (a < b) and sequential-visit (a in visit t, b in t+1) pair counts, each n x V*V."
+    same, seq = [], []
+    step = max(1, max_rows // max(V, 1))
+    cut = np.searchsorted(sidx, np.arange(0, n + step, step))  # rows of subjects [k*step, (k+1)*step)
+    for k in range(len(cut) - 1):
+        s0, nb = k * step, min(step, n - k * step)
+        if nb <= 0: break
+        r = slice(cut[k], cut[k + 1])
+        v, c, s = vid[r], cidx[r], sidx[r] - s0
+        if len(v) == 0:
+            same.append(sp.csr_matrix((nb, V * V))); seq.append(sp.csr_matrix((nb, V * V))); continue
+        v = v - v[0]
+        nv = int(v[-1]) + 1
+        vs = np.zeros(nv, np.int64); vs[v] = s  # each visit's subject
+        one = np.ones(len(v))
+        A = sp.csr_matrix((one, (v, c)), shape=(nv, V))  # visits x codes
+        S = sp.csr_matrix((one, (v, s * V + c)), shape=(nv, nb * V))  # the same, each code in its subject's block of columns
+        nxt = np.flatnonzero(vs[1:] == vs[:-1])  # visits followed by a visit of the same subject
+        same.append(_per_subject((S.T.tocsr() @ A).tocsr(), nb, V, upper=True))
+        seq.append(_per_subject((S[nxt].T.tocsr() @ A[nxt + 1]).tocsr(), nb, V, upper=False))
+    if not same: return (sp.csr_matrix((n, V * V)),) * 2
+    return sp.vstack(same, format="csr"), sp.vstack(seq, format="csr")
 
 def _csr(rows, cols, n_rows, n_cols, data=None) -> sp.csr_matrix:
     d = np.ones(len(rows), np.float64) if data is None else np.asarray(data, np.float64)
@@ -148,12 +163,11 @@ def event_units(events: pl.DataFrame, # checked MEDS events (see `check_events`)
     n = len(subjects)
     rows = visit_code_rows(events, code_index)
     s, v, c = (rows[k].to_numpy() for k in ("sidx", "vid", "cidx"))
-    f, g = _pairs_same(v, c)
-    f2, g2 = _pairs_seq(s, v)
+    same, seq = pair_counts(s, v, c, n, V)
     cnt = (events.lazy().join(code_index.lazy().select("code", "cidx"), on="code")
            .group_by("subject_id", "cidx").agg(k=pl.len()).collect())
     crow = np.searchsorted(subjects, cnt["subject_id"].to_numpy())
-    return EventUnits(subjects, _csr(s, c, n, V), _csr(s[f], c[f] * V + c[g], n, V * V), _csr(s[f2], c[f2] * V + c[g2], n, V * V),
+    return EventUnits(subjects, _csr(s, c, n, V), same, seq,
                       _csr(crow, cnt["cidx"].to_numpy(), n, V, cnt["k"].to_numpy()), int(v[-1] + 1) if len(v) else 0)
 
 # %% ../nbs/10a_fidelity.ipynb #363f908b

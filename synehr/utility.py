@@ -194,38 +194,100 @@ def _token_expr() -> pl.Expr:
             .then(pl.col("code") + "#q" + ((v > pl.col("e1")).cast(pl.Int32) + (v > pl.col("e2")).cast(pl.Int32)).cast(pl.String))
             .otherwise(pl.col("code")))
 
+def _us(x) -> np.ndarray:
+    "Datetimes (a polars Series) as int64 microseconds."
+    return x.cast(pl.Datetime("us")).to_physical().to_numpy()
+
 def first_tokens(events: pl.DataFrame, # MEDS events of whole subjects
                  lab_edges: pl.DataFrame, # from `fit_lab_edges` on the training side
                 ) -> dict:
     "What the multi-hot at any cutoff needs, task independent: each timed token's first time per subject, static tokens, births, admissions."
-    ev = check_events(events)
-    timed = (ev.filter(pl.col("time").is_not_null(), pl.col("code") != BIRTH).join(lab_edges, on="code", how="left")
-             .group_by("subject_id", _token_expr().alias("token")).agg(t0=pl.col("time").min()))
-    return {"lab_edges": lab_edges, "timed": timed,
-            "static": ev.filter(pl.col("time").is_null()).select("subject_id", token="code"),
-            "births": ev.filter(pl.col("code") == BIRTH).group_by("subject_id").agg(birth=pl.col("time").min()),
-            "admits": ev.filter(pl.col("time").is_not_null(), pl.col("code").str.starts_with("ADMISSION/")).select("subject_id", "time")}
+    ev = check_events(events).lazy()
+    # timed tokens sorted by (subject, first time): the tokens of a sample at a cutoff are a prefix of its subject's run
+    timed, static, births, admits, subjects = pl.collect_all([
+        ev.filter(pl.col("time").is_not_null(), pl.col("code") != BIRTH).join(lab_edges.lazy(), on="code", how="left")
+          .group_by("subject_id", _token_expr().alias("token")).agg(t0=pl.col("time").min()).sort("subject_id", "t0"),
+        ev.filter(pl.col("time").is_null()).select("subject_id", token="code").unique().sort("subject_id"),
+        ev.filter(pl.col("code") == BIRTH).group_by("subject_id").agg(birth=pl.col("time").min()),
+        ev.filter(pl.col("time").is_not_null(), pl.col("code").str.starts_with("ADMISSION/")).select("subject_id", "time").sort("subject_id", "time"),
+        ev.select(pl.col("subject_id").unique().sort())])
+    tokens = pl.concat([timed["token"], static["token"]]).unique().sort()
+    enum = pl.Enum(tokens)
+    subjects = subjects["subject_id"].to_numpy()
+    rank = lambda f: np.searchsorted(subjects, f["subject_id"].to_numpy())
+    t_sub, t0 = rank(timed), _us(timed["t0"])
+    times = _us(timed["t0"].unique().sort())
+    a_time = _us(admits["time"])
+    a_times = _us(admits["time"].unique().sort())
+    birth = np.full(len(subjects), np.iinfo(np.int64).min)
+    birth[rank(births)] = _us(births["birth"])
+    return {"lab_edges": lab_edges, "tokens": tokens, "subjects": subjects,
+            "t_key": t_sub * (len(times) + 1) + np.searchsorted(times, t0), "t_times": times,
+            "t_tok": timed["token"].cast(enum).to_physical().to_numpy().astype(np.int64),
+            "a_key": rank(admits) * (len(a_times) + 1) + np.searchsorted(a_times, a_time), "a_times": a_times,
+            "s_start": np.searchsorted(rank(static), np.arange(len(subjects) + 1)),
+            "s_tok": static["token"].cast(enum).to_physical().to_numpy().astype(np.int64), "birth": birth}
+
+def _runs(key: np.ndarray, times: np.ndarray, sub: np.ndarray, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "Start and end of each query's run in `key` (sorted subject * (len(times) + 1) + time rank): its subject's entries at or before `cut`."
+    base = sub * (len(times) + 1)
+    return np.searchsorted(key, base), np.searchsorted(key, base + np.searchsorted(times, cut, side="right"))
+
+def _gather(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "The positions start[q]..end[q]-1 of every query q, and each one's query."
+    n = np.maximum(end - start, 0)
+    q = np.repeat(np.arange(len(n)), n)
+    return q, start[q] + np.arange(len(q)) - np.repeat(np.cumsum(n) - n, n)
+
+def _presence(first: dict, # from `first_tokens`
+              samples: pl.DataFrame, # from `task_samples` (subject_id, cutoff)
+              max_visits: int, # stays counted in the per-visit lengths
+              col: dict | None = None, # token -> column; None: the frame's own tokens, then the age tokens, in order
+             ) -> tuple[sp.csr_matrix, np.ndarray, list]:
+    "Binary CSR (samples x columns) of each sample's tokens at its cutoff, the per-visit lengths, and the columns' tokens."
+    N = samples.height
+    subjects = first["subjects"]
+    sid = samples["subject_id"].to_numpy()
+    sub = np.minimum(np.searchsorted(subjects, sid), max(len(subjects) - 1, 0))
+    known = (subjects[sub] == sid) if len(subjects) else np.zeros(N, bool)
+    sub = np.where(known, sub, -1)  # a subject the frame does not have: no tokens
+    cut = _us(samples["cutoff"])
+    tokens = first["tokens"].to_list()
+    # age decade at the cutoff (days truncated, as polars' total_days), where the subject has a birth
+    born = known & (first["birth"][np.maximum(sub, 0)] != np.iinfo(np.int64).min)
+    q = cut[born] - first["birth"][sub[born]]
+    days = np.sign(q) * (np.abs(q) // _DAY_US)
+    decade = (np.floor(days / 365.25 / 10).astype(np.int32) * 10)
+    ages = [f"AGE/{d}" for d in np.unique(decade)]
+    if col is None: col = {t: k for k, t in enumerate(tokens + [a for a in ages if a not in set(tokens)])}
+    tok2col = np.array([col.get(t, -1) for t in tokens] + [-1], np.int64)  # id -> column (-1: not a column)
+    age2col = np.array([col.get(a, -1) for a in ages] + [-1], np.int64)
+    qt, pt = _gather(*_runs(first["t_key"], first["t_times"], sub, cut))
+    qt, ct = qt[known[qt]], tok2col[first["t_tok"][pt[known[qt]]]]
+    ks = np.where(known, sub, 0)
+    qs, ps = _gather(np.where(known, first["s_start"][ks], 0), np.where(known, first["s_start"][ks + 1], 0))
+    cs = tok2col[first["s_tok"][ps]]
+    ca = age2col[np.searchsorted(np.unique(decade), decade)] if len(decade) else np.zeros(0, np.int64)
+    qa = np.flatnonzero(born)
+    rows, cols = np.concatenate([qt, qs, qa]), np.concatenate([ct, cs, ca])
+    ok = cols >= 0
+    X = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])), shape=(N, len(col)))
+    X.data[:] = 1  # a token that is both static and timed counts once
+    a0, a1 = _runs(first["a_key"], first["a_times"], sub, cut)
+    lens = np.where(known, np.clip(a1 - a0, 1, max_visits), 1).astype(np.int32)
+    return X, lens, sorted(col, key=col.get)
 
 def sample_presence(first: dict, # from `first_tokens`
                     samples: pl.DataFrame, # from `task_samples` (subject_id, cutoff)
                     max_visits: int = 10, # stays kept in the per-visit view
                     vocab: pl.DataFrame | None = None, # (token, j): map tokens to columns first, return distinct (i, j)
                    ) -> tuple[pl.DataFrame, np.ndarray]:
-    "Each sample's (i, token) (a token is there when its first time is at or before the cutoff; a pair may repeat) and the per-visit lengths."
-    s = samples.with_row_index("i").select(pl.col("i").cast(pl.Int64), "subject_id", "cutoff")
-    timed, static = first["timed"], first["static"]
-    if vocab is not None:  # integers, not strings, through the per-sample join
-        timed, static = (f.join(vocab, on="token").drop("token").rename({"j": "token"}) for f in (timed, static))
-    t = s.join(timed, on="subject_id").filter(pl.col("t0") <= pl.col("cutoff")).select("i", "token")
-    age = (s.join(first["births"], on="subject_id").select("i", token=pl.lit("AGE/") + (
-        ((pl.col("cutoff") - pl.col("birth")).dt.total_days() / 365.25 / 10).floor().cast(pl.Int32) * 10).cast(pl.String)))
-    if vocab is not None: age = age.join(vocab, on="token").select("i", token="j")
-    static = s.join(static, on="subject_id").select("i", "token")
-    n = s.join(first["admits"], on="subject_id").filter(pl.col("time") <= pl.col("cutoff")).group_by("i").agg(n=pl.len())
-    lens = np.ones(samples.height, np.int32)  # the stays up to the cutoff, at most max_visits (as `sample_tokens` counts them)
-    lens[n["i"].to_numpy()] = np.clip(n["n"].to_numpy(), 1, max_visits)
-    tok = pl.concat([t, static, age])
-    return (tok.unique().rename({"token": "j"}) if vocab is not None else tok), lens
+    "Each sample's distinct (i, token) (a token is there when its first time is at or before the cutoff) and the per-visit lengths."
+    col = None if vocab is None else dict(zip(vocab["token"].to_list(), vocab["j"].to_list()))
+    X, lens, names = _presence(first, samples, max_visits, col)
+    X = X.tocoo()
+    if vocab is not None: return pl.DataFrame({"i": X.row.astype(np.int64), "j": X.col.astype(np.int64)}), lens
+    return pl.DataFrame({"i": X.row.astype(np.int64), "token": np.array(names, dtype=object)[X.col]}, schema={"i": pl.Int64, "token": pl.String}), lens
 
 @dataclass(frozen=True)
 class FeatureSpace:
@@ -244,9 +306,9 @@ def fit_features(events: pl.DataFrame, # the training side's MEDS events
                 ) -> FeatureSpace:
     "Fit the vocabulary (tokens of at least `min_count` training samples) and the lab edges on the training side."
     first = first or first_tokens(events, fit_lab_edges(events))
-    tok, _ = sample_presence(first, samples, max_visits)
-    vocab = tok.group_by("token").agg(n=pl.col("i").n_unique()).filter(pl.col("n") >= min_count)["token"].sort()
-    return FeatureSpace(tuple(vocab.to_list()), first["lab_edges"], max_visits)
+    X, _, names = _presence(first, samples, max_visits)
+    n = np.bincount(X.indices, minlength=X.shape[1])  # samples holding each token
+    return FeatureSpace(tuple(sorted(t for t, k in zip(names, n) if k >= min_count and k > 0)), first["lab_edges"], max_visits)
 
 def featurize(space: FeatureSpace, # fitted on the training side
               events: pl.DataFrame, # MEDS events of the samples' subjects
@@ -263,10 +325,10 @@ def featurize(space: FeatureSpace, # fitted on the training side
         ij = tok.select("i", "j").unique()
     else:  # the multi-hot alone needs each token's first time only, not every event of every sample
         if first is not None and first["lab_edges"] is not space.lab_edges: raise UtilityError("featurize: `first` was built with other lab edges than the space's")
-        ij, lens = sample_presence(first or first_tokens(events, space.lab_edges), samples, space.max_visits, vocab)
+        X, lens, _ = _presence(first or first_tokens(events, space.lab_edges), samples, space.max_visits, dict(zip(space.tokens, range(space.V))))
+        return X, None, lens
     N, T, V = samples.height, space.max_visits, space.V
     X = sp.csr_matrix((np.ones(ij.height, np.float32), (ij["i"].to_numpy(), ij["j"].to_numpy())), shape=(N, V))
-    if not sequences: return X, None, lens
     if N * T * V * 4 > max_dense_bytes:
         raise UtilityError(f"per-visit features of {N} samples x {T} visits x {V} tokens exceed max_dense_bytes={max_dense_bytes}; "
                            "lower max_visits or raise min_count")
@@ -418,17 +480,26 @@ def weighted_auc(y: np.ndarray, # (N,) 0/1 labels
                  W: np.ndarray, # (R, N) sample weights per replicate
                 ) -> tuple[np.ndarray, np.ndarray]:
     "AUROC and average precision (R,) under each weight row; NaN where a row has no positive or no negative weight."
+    # Both are sums over the positives, so only the negatives need a running sum over all samples. In descending score
+    # order, with tied scores in one group: a positive is credited with the negative weight below its group plus half the
+    # negative weight in it (AUROC), and with the precision at the end of its group (AP, scikit-learn's step definition).
+    W, y = np.asarray(W, np.float64), np.asarray(y).astype(bool)
     o = np.argsort(-s, kind="stable")
-    s, W = s[o], np.take(np.asarray(W, np.float64), o, axis=1)
-    wp = W * y[o].astype(np.float64)  # the positives' weights, by descending score
-    start = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
-    if len(start) == len(s): P, Nn = wp, W - wp  # no ties (a continuous score): every sample its own group
-    else: P = np.add.reduceat(wp, start, axis=1); Nn = np.add.reduceat(W, start, axis=1) - P
-    tp, fp = np.cumsum(P, 1), np.cumsum(Nn, 1)
-    tot_p, tot_n = tp[:, -1], fp[:, -1]
+    so, yo = s[o], y[o]
+    first = np.r_[True, so[1:] != so[:-1]]  # the first sample of each group of tied scores
+    last = np.r_[first[1:], True]
+    n_neg, n_pos = np.cumsum(~yo), np.cumsum(yo)  # negatives (positives) up to and including each sample
+    grp_end = np.flatnonzero(last)[np.cumsum(first) - 1][yo]  # each positive's group's last sample
+    b, c = n_neg[grp_end], n_pos[grp_end]  # negatives / positives through each positive's group
+    Wp, Wn = W[:, o[yo]], W[:, o[~yo]]  # the replicates' weights of the positives and of the negatives, by descending score
+    cN = np.zeros((len(W), Wn.shape[1] + 1)); np.cumsum(Wn, 1, out=cN[:, 1:])
+    cP = np.zeros((len(W), Wp.shape[1] + 1)); np.cumsum(Wp, 1, out=cP[:, 1:])
+    tot_n, tot_p, fp, tp = cN[:, -1], cP[:, -1], cN[:, b], cP[:, c]
+    if first.all(): below = tot_n[:, None] - fp  # no ties (a continuous score)
+    else: below = tot_n[:, None] - 0.5 * (cN[:, (n_neg - ~yo)[np.flatnonzero(first)[np.cumsum(first) - 1][yo]]] + fp)
     with np.errstate(invalid="ignore", divide="ignore"):
-        auroc = np.einsum("ij,ij->i", Nn, tp - 0.5 * P) / (tot_p * tot_n)
-        ap = np.einsum("ij,ij->i", P, tp / np.maximum(tp + fp, np.finfo(np.float64).tiny)) / tot_p  # precision 0 where nothing is ranked yet
+        auroc = np.einsum("ij,ij->i", Wp, below) / (tot_p * tot_n)
+        ap = np.einsum("ij,ij->i", Wp, tp / np.maximum(tp + fp, np.finfo(np.float64).tiny)) / tot_p
     bad = (tot_p <= 0) | (tot_n <= 0)
     return np.where(bad, np.nan, auroc), np.where(tot_p <= 0, np.nan, ap)
 

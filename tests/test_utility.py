@@ -9,7 +9,7 @@ import pytest
 from synehr.core import make_rng
 from synehr.data import BIRTH, DEATH
 from synehr.demo import simulate_cohort
-from synehr.utility import (TABLE_SCHEMA, LSTMConfig, UtilityError, featurize, fit_features, fit_predict_bilstm, icd10_chapters,
+from synehr.utility import (TABLE_SCHEMA, TASKS, LSTMConfig, UtilityError, featurize, fit_features, fit_predict_bilstm, icd10_chapters,
                             label_matrix, stay_table, task_samples, utility_report)
 
 TINY = LSTMConfig(D=8, H=8, steps=60, B=32)
@@ -131,3 +131,23 @@ def test_bad_input_is_named(demo):
         utility_report(tr, te.clear(), synth, seed=0)
     with pytest.raises(UtilityError, match="expected a polars DataFrame"):
         utility_report(tr, "held_out.parquet", synth, seed=0)
+
+
+def test_fast_multi_hot_equals_the_per_visit_path(demo):
+    "featurize's multi-hot from first token times (binary searches over sorted runs) equals the one built from every event."
+    tr, te, _ = demo
+    ids = tr["subject_id"].unique().sort()
+    dx0 = tr.filter(pl.col("subject_id") == ids[0], pl.col("code").str.starts_with("ICD10CM/"), pl.col("time").is_not_null()).sort("time")["code"][0]
+    odd = pl.DataFrame({"subject_id": [ids[0], ids[0], ids[1]], "code": [dx0, "SEX/F", "SEX/F"]}).with_columns(
+        pl.col("subject_id").cast(tr.schema["subject_id"]))  # a static code that is also timed; a repeated static row
+    odd = tr.clear().join(odd, on=["subject_id", "code"], how="right").select(tr.columns)
+    tr2 = pl.concat([tr, odd]).filter(~((pl.col("subject_id") == ids[2]) & (pl.col("code") == BIRTH)))  # a subject without a birth
+    for task in TASKS:
+        s_tr, s_te = task_samples(tr2, task), task_samples(te, task)
+        space = fit_features(tr2, s_tr)
+        for ev, s in ((tr2, s_tr), (te, s_te), (te.filter(pl.col("subject_id") % 3 != 0), s_te)):  # the last lacks a third of the samples' subjects
+            fast, _, lens = featurize(space, ev, s)
+            full, _, lens_full = featurize(space, ev, s, sequences=True)
+            assert fast.shape == full.shape and (fast != full).nnz == 0 and np.array_equal(lens, lens_full), task
+            assert fast.nnz > 0 and fast.data.max() == 1
+        assert set(space.tokens) >= {dx0, "SEX/F", "SEX/M"}
