@@ -250,7 +250,7 @@ def _presence(first: dict, # from `first_tokens`
     sid = samples["subject_id"].to_numpy()
     sub = np.minimum(np.searchsorted(subjects, sid), max(len(subjects) - 1, 0))
     known = (subjects[sub] == sid) if len(subjects) else np.zeros(N, bool)
-    sub = np.where(known, sub, -1)  # a subject the frame does not have: no tokens
+    sub = np.where(known, sub, -1)  # a subject the frame does not have: -1, whose runs are empty
     cut = _us(samples["cutoff"])
     tokens = first["tokens"].to_list()
     # age decade at the cutoff (days truncated, as polars' total_days), where the subject has a birth
@@ -258,23 +258,23 @@ def _presence(first: dict, # from `first_tokens`
     q = cut[born] - first["birth"][sub[born]]
     days = np.sign(q) * (np.abs(q) // _DAY_US)
     decade = (np.floor(days / 365.25 / 10).astype(np.int32) * 10)
-    ages = [f"AGE/{d}" for d in np.unique(decade)]
-    if col is None: col = {t: k for k, t in enumerate(tokens + [a for a in ages if a not in set(tokens)])}
-    tok2col = np.array([col.get(t, -1) for t in tokens] + [-1], np.int64)  # id -> column (-1: not a column)
-    age2col = np.array([col.get(a, -1) for a in ages] + [-1], np.int64)
+    decades, d_inv = np.unique(decade, return_inverse=True)
+    ages = [f"AGE/{d}" for d in decades]
+    if col is None: col = {t: k for k, t in enumerate(tokens + sorted(set(ages) - set(tokens)))}
+    tok2col = np.array([col.get(t, -1) for t in tokens], np.int64)  # token id -> column (-1: not a column)
+    age2col = np.array([col.get(a, -1) for a in ages], np.int64)
     qt, pt = _gather(*_runs(first["t_key"], first["t_times"], sub, cut))
-    qt, ct = qt[known[qt]], tok2col[first["t_tok"][pt[known[qt]]]]
+    ct = tok2col[first["t_tok"][pt]]
     ks = np.where(known, sub, 0)
     qs, ps = _gather(np.where(known, first["s_start"][ks], 0), np.where(known, first["s_start"][ks + 1], 0))
     cs = tok2col[first["s_tok"][ps]]
-    ca = age2col[np.searchsorted(np.unique(decade), decade)] if len(decade) else np.zeros(0, np.int64)
-    qa = np.flatnonzero(born)
+    ca, qa = age2col[d_inv.ravel()], np.flatnonzero(born)
     rows, cols = np.concatenate([qt, qs, qa]), np.concatenate([ct, cs, ca])
     ok = cols >= 0
     X = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])), shape=(N, len(col)))
     X.data[:] = 1  # a token that is both static and timed counts once
     a0, a1 = _runs(first["a_key"], first["a_times"], sub, cut)
-    lens = np.where(known, np.clip(a1 - a0, 1, max_visits), 1).astype(np.int32)
+    lens = np.clip(a1 - a0, 1, max_visits).astype(np.int32)
     return X, lens, sorted(col, key=col.get)
 
 def sample_presence(first: dict, # from `first_tokens`
