@@ -522,8 +522,10 @@ def plot_probabilities(stats: dict, vecs: dict, path) -> Path:
         ax.scatter(r, s, s=9, alpha=0.6, color=SYNTH_C, lw=0)
         ax.plot([0, m], [0, m], "k--", lw=0.8)
         lo, hi = ci(st["r2"])
-        ax.set(xlim=(0, m), ylim=(0, m), xlabel="real probability", ylabel="synthetic probability",
-               title=f"{fam.replace('_', ' ')}\nR2 {st['r2'][0]:.3f} [{lo:.3f}, {hi:.3f}], {len(r):,} units")
+        ax.set(xlim=(0, m), ylim=(0, m), xlabel="real probability", ylabel="synthetic probability")
+        ax.set_title(f"{fam.replace('_', ' ')}\nR2 {st['r2'][0]:.3f} [{lo:.3f}, {hi:.3f}], {len(r):,} units", pad=14)  # above the axis' 1e-3
+        ax.locator_params(nbins=5)  # small probabilities: few ticks, in scientific notation, so the labels do not run together
+        ax.ticklabel_format(style="sci", scilimits=(-2, 3))
         ax = axs[1, j]
         avg, d = (r + s) / 2, s - r
         ax.scatter(np.log10(np.maximum(avg, 1e-12)), d, s=9, alpha=0.6, color=SYNTH_C, lw=0)
@@ -531,11 +533,12 @@ def plot_probabilities(stats: dict, vecs: dict, path) -> Path:
             ax.axhline(st[k][0], color="k" if k == "bias" else "tab:red", ls=style, lw=1.2, label=f"{k} {st[k][0]:.2e}")
             lo, hi = ci(st[k])
             if np.isfinite(lo): ax.axhspan(lo, hi, color="k" if k == "bias" else "tab:red", alpha=0.12, lw=0)
-        ax.set(xlabel="log10 mean probability", ylabel="synthetic - real",
-               title=f"Bland-Altman: {st['pct_within_loa'][0]:.1f}% within LoA, MAE {st['mae'][0]:.1e}")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.set(xlabel="log10 mean probability", ylabel="synthetic - real")
+        ax.set_title(f"Bland-Altman: {st['pct_within_loa'][0]:.1f}% within LoA, MAE {st['mae'][0]:.1e}", pad=14)
         ax.legend(fontsize=8, loc="lower left")
-    fig.suptitle("Event probabilities (bands: 95% subject-bootstrap CIs)", y=0.98)
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.06, wspace=0.3, hspace=0.35)
+    fig.suptitle("Event probabilities (bands: 95% subject-bootstrap CIs)", y=0.99)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.87, bottom=0.06, wspace=0.3, hspace=0.4)
     return _save(fig, path)
 
 def plot_prevalence(stats: dict, vecs: dict, code_names: np.ndarray, path) -> Path:
