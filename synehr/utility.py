@@ -239,12 +239,12 @@ def _gather(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     q = np.repeat(np.arange(len(n)), n)
     return q, start[q] + np.arange(len(q)) - np.repeat(np.cumsum(n) - n, n)
 
-def _presence(first: dict, # from `first_tokens`
-              samples: pl.DataFrame, # from `task_samples` (subject_id, cutoff)
-              max_visits: int, # stays counted in the per-visit lengths
-              col: dict | None = None, # token -> column; None: the frame's own tokens, then the age tokens, in order
-             ) -> tuple[sp.csr_matrix, np.ndarray, list]:
-    "Binary CSR (samples x columns) of each sample's tokens at its cutoff, the per-visit lengths, and the columns' tokens."
+def sample_presence(first: dict, # from `first_tokens`
+                    samples: pl.DataFrame, # from `task_samples` (subject_id, cutoff)
+                    max_visits: int = 10, # stays counted in the per-visit lengths
+                    col: dict | None = None, # token -> column; None: the frame's own tokens, then the age tokens, in order
+                   ) -> tuple[sp.csr_matrix, np.ndarray, list]:
+    "Binary CSR (samples x columns): the tokens whose first time is at or before each sample's cutoff; the per-visit lengths; the columns' tokens."
     N = samples.height
     subjects = first["subjects"]
     sid = samples["subject_id"].to_numpy()
@@ -277,18 +277,6 @@ def _presence(first: dict, # from `first_tokens`
     lens = np.clip(a1 - a0, 1, max_visits).astype(np.int32)
     return X, lens, sorted(col, key=col.get)
 
-def sample_presence(first: dict, # from `first_tokens`
-                    samples: pl.DataFrame, # from `task_samples` (subject_id, cutoff)
-                    max_visits: int = 10, # stays kept in the per-visit view
-                    vocab: pl.DataFrame | None = None, # (token, j): map tokens to columns first, return distinct (i, j)
-                   ) -> tuple[pl.DataFrame, np.ndarray]:
-    "Each sample's distinct (i, token) (a token is there when its first time is at or before the cutoff) and the per-visit lengths."
-    col = None if vocab is None else dict(zip(vocab["token"].to_list(), vocab["j"].to_list()))
-    X, lens, names = _presence(first, samples, max_visits, col)
-    X = X.tocoo()
-    if vocab is not None: return pl.DataFrame({"i": X.row.astype(np.int64), "j": X.col.astype(np.int64)}), lens
-    return pl.DataFrame({"i": X.row.astype(np.int64), "token": np.array(names, dtype=object)[X.col]}, schema={"i": pl.Int64, "token": pl.String}), lens
-
 @dataclass(frozen=True)
 class FeatureSpace:
     "Token vocabulary and lab tercile edges fitted on a training side."
@@ -306,7 +294,7 @@ def fit_features(events: pl.DataFrame, # the training side's MEDS events
                 ) -> FeatureSpace:
     "Fit the vocabulary (tokens of at least `min_count` training samples) and the lab edges on the training side."
     first = first or first_tokens(events, fit_lab_edges(events))
-    X, _, names = _presence(first, samples, max_visits)
+    X, _, names = sample_presence(first, samples, max_visits)
     n = np.bincount(X.indices, minlength=X.shape[1])  # samples holding each token
     return FeatureSpace(tuple(sorted(t for t, k in zip(names, n) if k >= min_count and k > 0)), first["lab_edges"], max_visits)
 
@@ -318,15 +306,14 @@ def featurize(space: FeatureSpace, # fitted on the training side
               first: dict | None = None, # `first_tokens(events, space.lab_edges)`, when already computed (multi-hot only)
              ) -> tuple[sp.csr_matrix, np.ndarray | None, np.ndarray]:
     "Multi-hot CSR (N x V), the per-visit tensor x_NxTxV (or None) and the sequence lengths (N,)."
-    vocab = pl.DataFrame({"token": list(space.tokens), "j": np.arange(space.V, dtype=np.int64)}, schema={"token": pl.String, "j": pl.Int64})
-    if sequences:
-        tok, lens = sample_tokens(events, samples, space.lab_edges, space.max_visits)
-        tok = tok.join(vocab, on="token")
-        ij = tok.select("i", "j").unique()
-    else:  # the multi-hot alone needs each token's first time only, not every event of every sample
+    if not sequences:  # the multi-hot alone needs each token's first time only, not every event of every sample
         if first is not None and first["lab_edges"] is not space.lab_edges: raise UtilityError("featurize: `first` was built with other lab edges than the space's")
-        X, lens, _ = _presence(first or first_tokens(events, space.lab_edges), samples, space.max_visits, dict(zip(space.tokens, range(space.V))))
+        X, lens, _ = sample_presence(first or first_tokens(events, space.lab_edges), samples, space.max_visits, dict(zip(space.tokens, range(space.V))))
         return X, None, lens
+    vocab = pl.DataFrame({"token": list(space.tokens), "j": np.arange(space.V, dtype=np.int64)}, schema={"token": pl.String, "j": pl.Int64})
+    tok, lens = sample_tokens(events, samples, space.lab_edges, space.max_visits)
+    tok = tok.join(vocab, on="token")
+    ij = tok.select("i", "j").unique()
     N, T, V = samples.height, space.max_visits, space.V
     X = sp.csr_matrix((np.ones(ij.height, np.float32), (ij["i"].to_numpy(), ij["j"].to_numpy())), shape=(N, V))
     if N * T * V * 4 > max_dense_bytes:
