@@ -114,7 +114,7 @@ def _per_subject(G: sp.csr_matrix, n: int, V: int, upper: bool) -> sp.csr_matrix
     b = G.indices
     if upper:
         keep = a < b
-        per_row = np.bincount(np.repeat(np.arange(n * V), per_row)[keep], minlength=n * V) if n * V else per_row
+        per_row = np.bincount(np.repeat(np.arange(n * V), per_row)[keep], minlength=n * V)
         a, b, data = a[keep], b[keep], G.data[keep]
     else: data = G.data
     indptr = np.zeros(n + 1, np.int64)
@@ -129,9 +129,8 @@ def pair_counts(sidx: np.ndarray, vid: np.ndarray, cidx: np.ndarray, # `visit_co
     same, seq = [], []
     step = max(1, max_rows // max(V, 1))
     cut = np.searchsorted(sidx, np.arange(0, n + step, step))  # rows of subjects [k*step, (k+1)*step)
-    for k in range(len(cut) - 1):
+    for k in range(len(cut) - 1):  # every block has 1..step subjects
         s0, nb = k * step, min(step, n - k * step)
-        if nb <= 0: break
         r = slice(cut[k], cut[k + 1])
         v, c, s = vid[r], cidx[r], sidx[r] - s0
         if len(v) == 0:
@@ -145,7 +144,7 @@ def pair_counts(sidx: np.ndarray, vid: np.ndarray, cidx: np.ndarray, # `visit_co
         nxt = np.flatnonzero(vs[1:] == vs[:-1])  # visits followed by a visit of the same subject
         same.append(_per_subject((S.T.tocsr() @ A).tocsr(), nb, V, upper=True))
         seq.append(_per_subject((S[nxt].T.tocsr() @ A[nxt + 1]).tocsr(), nb, V, upper=False))
-    if not same: return (sp.csr_matrix((n, V * V)),) * 2
+    if not same: return sp.csr_matrix((n, V * V)), sp.csr_matrix((n, V * V))
     return sp.vstack(same, format="csr"), sp.vstack(seq, format="csr")
 
 def _csr(rows, cols, n_rows, n_cols, data=None) -> sp.csr_matrix:
