@@ -155,6 +155,10 @@ def _visits(ev: pl.DataFrame) -> pl.DataFrame:
             .with_columns(visit=adm.cum_sum().over("subject_id"))
             .with_columns(visit=pl.col("visit").max().over("subject_id", "time")))
 
+def _age_token(cutoff: pl.Expr, birth: pl.Expr) -> pl.Expr:
+    "The age-decade token at the cutoff: `AGE/60` for 60-69 whole years (days / 365.25)."
+    return pl.lit("AGE/") + (((cutoff - birth).dt.total_days() / 365.25 / 10).floor().cast(pl.Int32) * 10).cast(pl.String)
+
 def fit_lab_edges(events: pl.DataFrame) -> pl.DataFrame:
     "Tercile edges (e1, e2) of each lab's values in `events` (the training side)."
     return (check_events(events).filter(pl.col("code").str.starts_with("LAB/"), pl.col("numeric_value").is_finite())
@@ -178,8 +182,7 @@ def sample_tokens(events: pl.DataFrame, # MEDS events of whole subjects
          .with_columns(vmax=pl.col("visit").max().over("i")).with_columns(first=pl.max_horizontal(pl.col("vmax") - max_visits + 1, pl.lit(1)))
          .select("i", step=pl.when(pl.col("visit") >= pl.col("first")).then(pl.col("visit") - pl.col("first")).otherwise(-1), token="token"))
     births = ev.filter(pl.col("code") == BIRTH).group_by("subject_id").agg(birth=pl.col("time").min())
-    age = (s.join(births, on="subject_id").select("i", token=pl.lit("AGE/") + (
-        ((pl.col("cutoff") - pl.col("birth")).dt.total_days() / 365.25 / 10).floor().cast(pl.Int32) * 10).cast(pl.String)))
+    age = s.join(births, on="subject_id").select("i", token=_age_token(pl.col("cutoff"), pl.col("birth")))
     static = s.join(ev.filter(pl.col("time").is_null()).select("subject_id", token="code"), on="subject_id").select("i", "token")
     st = pl.concat([static, age]).with_columns(step=pl.lit(None, pl.Int32)).select("i", "step", "token")
     tok = pl.concat([t.with_columns(pl.col("step").cast(pl.Int32)), st]).unique().sort("i", "step", "token", nulls_last=False)
@@ -253,13 +256,12 @@ def sample_presence(first: dict, # from `first_tokens`
     sub = np.where(known, sub, -1)  # a subject the frame does not have: -1, whose runs are empty
     cut = _us(samples["cutoff"])
     tokens = first["tokens"].to_list()
-    # age decade at the cutoff (days truncated, as polars' total_days), where the subject has a birth
+    # the age token at the cutoff, where the subject has a birth (the per-visit path's definition)
     born = known & (first["birth"][np.maximum(sub, 0)] != np.iinfo(np.int64).min)
-    q = cut[born] - first["birth"][sub[born]]
-    days = np.sign(q) * (np.abs(q) // _DAY_US)
-    decade = (np.floor(days / 365.25 / 10).astype(np.int32) * 10)
-    decades, d_inv = np.unique(decade, return_inverse=True)
-    ages = [f"AGE/{d}" for d in decades]
+    us = lambda x: pl.Series(x).cast(pl.Datetime("us"))
+    age = pl.select(_age_token(pl.lit(us(cut[born])), pl.lit(us(first["birth"][sub[born]])))).to_series()
+    ages, d_inv = np.unique(age.to_numpy().astype(str), return_inverse=True)
+    ages = ages.tolist()
     if col is None: col = {t: k for k, t in enumerate(tokens + sorted(set(ages) - set(tokens)))}
     tok2col = np.array([col.get(t, -1) for t in tokens], np.int64)  # token id -> column (-1: not a column)
     age2col = np.array([col.get(a, -1) for a in ages], np.int64)
@@ -474,16 +476,16 @@ def weighted_auc(y: np.ndarray, # (N,) 0/1 labels
     o = np.argsort(-s, kind="stable")
     so, yo = s[o], y[o]
     first = np.r_[True, so[1:] != so[:-1]]  # the first sample of each group of tied scores
-    last = np.r_[first[1:], True]
+    grp = (np.cumsum(first) - 1)[yo]  # each positive's group
     n_neg, n_pos = np.cumsum(~yo), np.cumsum(yo)  # negatives (positives) up to and including each sample
-    grp_end = np.flatnonzero(last)[np.cumsum(first) - 1][yo]  # each positive's group's last sample
+    grp_end = np.r_[np.flatnonzero(first)[1:] - 1, len(so) - 1][grp]  # each positive's group's last sample
     b, c = n_neg[grp_end], n_pos[grp_end]  # negatives / positives through each positive's group
     Wp, Wn = W[:, o[yo]], W[:, o[~yo]]  # the replicates' weights of the positives and of the negatives, by descending score
     cN = np.zeros((len(W), Wn.shape[1] + 1)); np.cumsum(Wn, 1, out=cN[:, 1:])
     cP = np.zeros((len(W), Wp.shape[1] + 1)); np.cumsum(Wp, 1, out=cP[:, 1:])
     tot_n, tot_p, fp, tp = cN[:, -1], cP[:, -1], cN[:, b], cP[:, c]
     if first.all(): below = tot_n[:, None] - fp  # no ties (a continuous score)
-    else: below = tot_n[:, None] - 0.5 * (cN[:, (n_neg - ~yo)[np.flatnonzero(first)[np.cumsum(first) - 1][yo]]] + fp)
+    else: below = tot_n[:, None] - 0.5 * (cN[:, (n_neg - ~yo)[np.flatnonzero(first)[grp]]] + fp)  # ties: half the group's negatives
     with np.errstate(invalid="ignore", divide="ignore"):
         auroc = np.einsum("ij,ij->i", Wp, below) / (tot_p * tot_n)
         ap = np.einsum("ij,ij->i", Wp, tp / np.maximum(tp + fp, np.finfo(np.float64).tiny)) / tot_p
