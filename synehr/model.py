@@ -19,9 +19,9 @@ from .core import ConfigError, check_field_types, strict_from_dict
 
 # %% auto #0
 __all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'write_kv',
-           'gqa_cached', 'gqa_decode', 'dense2d', 'Attention', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion',
-           'Decoder', 'count_params', 'next_token_loss', 'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step',
-           'data_mesh', 'shard_batch', 'replicate']
+           'gqa_cached', 'gqa_decode', 'matmul', 'dense2d', 'query_blocks', 'Attention', 'MLP', 'Block', 'Knowledge',
+           'KnowledgeFusion', 'Decoder', 'count_params', 'next_token_loss', 'KVCache', 'init_cache', 'extend',
+           'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -151,11 +151,18 @@ def gqa(q_BxTxHxDh, # queries (already rotated)
         mask_BxTxS, # True where the query may attend to the key
         dropout: float = 0.0, # dropout rate on the attention weights
         key=None, # PRNG key for dropout; None = deterministic
+        causal_blocks: int = 1, # > 1: the keys are the queries' own slots, in order (no cache); score each of this many blocks of queries only against the keys up to its end
        ):
     "Grouped-query attention: each of the K key/value heads serves G = H // K consecutive query heads."
     B, T, H, Dh = q_BxTxHxDh.shape
     S, K = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
     G = H // K
+    if causal_blocks > 1:  # the scores above the diagonal are masked anyway: skip the blocks of them
+        if S != T: raise ValueError(f"gqa: causal_blocks needs the queries' own keys (S == T), got T={T}, S={S}")
+        ends = sorted({round(T * (i + 1) / causal_blocks) for i in range(causal_blocks)} - {0})
+        return jnp.concatenate([gqa(q_BxTxHxDh[:, a:b], k_BxSxKxDh[:, :b], v_BxSxKxDh[:, :b], mask_BxTxS[:, a:b, :b], dropout,
+                                    None if key is None else jax.random.fold_in(key, i))
+                                for i, (a, b) in enumerate(zip([0] + ends[:-1], ends))], axis=1)
     # head-major operands: one [G*T, Dh] x [Dh, S] product per (row, kv head), the batched GEMM XLA's CPU backend
     # runs fastest (2.6x faster forward than contracting the [B, T, K, G, Dh] layout directly)
     q_BxKxMxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
@@ -280,13 +287,38 @@ def gqa_decode(q_Bx1xHxDh, # one new query per row (already rotated)
     m_BxKxG, l_BxKxG, o_BxKxGxDh = acc
     return (o_BxKxGxDh / jnp.maximum(l_BxKxG, 1e-30)[..., None]).reshape(B, 1, H, Dh).astype(q_Bx1xHxDh.dtype)
 
-def dense2d(f, x_Nx_xD):
-    "A linear map `f` over the last axis, applied to x flattened to 2D: one plain GEMM forward and backward (XLA's CPU backward is much slower when the weight gradient contracts over batch and time as two axes)."
-    return f(x_Nx_xD.reshape(-1, x_Nx_xD.shape[-1])).reshape(*x_Nx_xD.shape[:-1], -1)
+@jax.custom_vjp
+def matmul(x_NxI, w_IxO):
+    "x @ w, differentiated by two GEMMs in the layouts XLA's CPU backend runs fastest: dx = g w^T and dw = (x^T) g, x^T copied out first."
+    return x_NxI @ w_IxO
+
+def _matmul_fwd(x_NxI, w_IxO): return x_NxI @ w_IxO, (x_NxI, w_IxO)
+
+def _matmul_bwd(res, g_NxO):
+    x_NxI, w_IxO = res
+    # left to itself, XLA contracts x and g over their first axes: a GEMM its CPU backend gives to Eigen, not YNNPACK,
+    # at about half the speed; the barrier keeps it from folding the transpose back into the product
+    return g_NxO @ w_IxO.T, jax.lax.optimization_barrier(x_NxI.T) @ g_NxO
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+def dense2d(f, # an nnx.Linear without bias, or any function of [N, D]
+            x_Nx_xD):
+    "A linear map `f` over the last axis, applied to x flattened to 2D: one plain GEMM forward and backward (XLA's CPU backward is much slower when the weight gradient contracts over batch and time as two axes); on CPU through `matmul`."
+    x_NxD = x_Nx_xD.reshape(-1, x_Nx_xD.shape[-1])
+    if isinstance(f, nnx.Linear) and f.bias is None and jax.default_backend() == "cpu":
+        dt = f.dtype or x_NxD.dtype
+        y_NxO = matmul(x_NxD.astype(dt), f.kernel[...].astype(dt))
+    else: y_NxO = f(x_NxD)
+    return y_NxO.reshape(*x_Nx_xD.shape[:-1], -1)
 
 def _dense(cfg: ModelConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                       kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+
+def query_blocks(T: int) -> int:
+    "Query blocks for attention over T tokens of a row: blocks of at least 32 tokens, at most 8 of them."
+    return max(1, min(8, T // 32))
 
 class Attention(nnx.Module):
     "Grouped-query self-attention with RoPE."
@@ -304,7 +336,7 @@ class Attention(nnx.Module):
         q_BxTxHxDh = rope(dense2d(self.q, x_BxTxD).reshape(B, T, c.H, c.Dh), positions_BxT, c.rope_theta)
         k_BxTxKxDh = rope(dense2d(self.k, x_BxTxD).reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
         v_BxTxKxDh = dense2d(self.v, x_BxTxD).reshape(B, T, c.K, c.Dh)
-        if cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key)
+        if cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key, query_blocks(T))
         elif T == 1: o_BxTxHxDh = gqa_decode(q_BxTxHxDh, *cache, k_BxTxKxDh, v_BxTxKxDh, mask[0][:, 0], mask[1][:, 0, 0])  # sampling: no dropout
         else:
             ck_LxBxKxDhxS, cv_LxBxKxSxDh, layer = cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 import synehr
-from .core import ConfigError, RunConfig, RunDir, get_logger, write_json
+from .core import ConfigError, RunConfig, RunDir, get_logger, malloc_env, write_json
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_FIELDS', 'STAGE_OUTPUTS', 'project_root', 'load_params', 'StageError', 'stage_key', 'is_current',
@@ -226,6 +227,8 @@ def _local_kernel_manager(sock_dir: Path):
     from jupyter_client.manager import KernelManager
     class LocalKernelManager(KernelManager):
         def __init__(self, **kw): super().__init__(**{"transport": "ipc", "ip": str(sock_dir/"kernel"), **kw})
+        async def _async_pre_start_kernel(self, **kw):  # the kernel's malloc keeps freed memory from its start (core.tune_malloc)
+            return await super()._async_pre_start_kernel(**{**kw, "env": {**kw.get("env", os.environ), **malloc_env()}})
     return LocalKernelManager
 
 def run_pipeline(cfg: RunConfig, # checked run configuration
