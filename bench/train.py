@@ -6,11 +6,14 @@ vocabulary of a 300-subject demo cohort; no knowledge fusion, no dropout on eith
 the PyTorch reference (bench/_llama_ref.py). Both train on the same packed batches of the demo cohort's train split
 (same batch size and context length): one step is forward, masked next-token cross-entropy, backward, global-norm
 clipping at 1.0 and AdamW (b1 0.9, b2 0.95, decay 0.1), float32.
-- ours: `synehr.train.make_train_step` (one jitted step, parameters and optimiser state donated);
+- ours: `synehr.train.make_train_step` (one jitted step, parameters and optimiser state donated) on the batch as
+  `synehr.train.train` gives it on one device: with `unpad_batch`'s indices, so the position-wise layers compute the
+  real tokens only (rounded up to a multiple of T/2: one compiled shape per multiple);
 - torch: LlamaForCausalLM in train mode (its default SDPA attention; the padding mask as attention_mask),
   torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW. Its SDPA path has no per-patient segment mask, so rows that
   pack several patients attend across them and its losses differ slightly from ours; the work per step is the same.
-Throughput: both in this process, alternating windows of N steps after warmup (compilation untimed), median of 5
+Throughput: both in this process, alternating windows of N steps after warmup (compilation untimed: the warmup runs
+the first batches and one batch of every other computed-token count the timed batches have, on both sides), median of 5
 windows (3 with --quick); tokens/s counts every position of the [B, T] batch. Peak memory: each side in its own
 child process (the same batches), peak RSS during 3 training steps minus the RSS before the first step (ours also
 reports XLA's planned buffer sizes). ratio = ours / torch in tokens/s (> 1 is better); target >= 1.2x.
@@ -78,7 +81,7 @@ def ours(cfg, seed: int = 0):
     import jax.numpy as jnp
     from flax import nnx
     from synehr.core import make_key
-    from synehr.model import Decoder
+    from synehr.model import Decoder, unpad_batch
     from synehr.train import TrainConfig, make_optimizer, make_train_step
     model = Decoder(cfg, rngs=nnx.Rngs(make_key(seed, "model")))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -87,13 +90,13 @@ def ours(cfg, seed: int = 0):
     state = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
 
     def run(batch):
-        b = {k: jnp.asarray(v) for k, v in batch.items()}
+        b = {k: jnp.asarray(v) for k, v in unpad_batch(batch).items()}
         state["params"], state["opt"], m = step(state["params"], state["opt"], rest, b, None, np.float32(LR))
         return m["loss"]
 
     def sync(loss): return float(loss)
     def memory(batch):
-        b = {k: jnp.asarray(v) for k, v in batch.items()}
+        b = {k: jnp.asarray(v) for k, v in unpad_batch(batch).items()}
         ma = step.lower(state["params"], state["opt"], rest, b, None, np.float32(LR)).compile().memory_analysis()
         return None if ma is None else {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")}
     return model, run, sync, memory
@@ -186,10 +189,15 @@ def main(argv=None):
         print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}", flush=True)
     else:
         print(f"torch/transformers not importable ({why}): measuring ours alone", flush=True)
+    from synehr.model import unpad_batch
+    n_computed = lambda b: len(unpad_batch(b)["unpad_index"])
+    seen = {n_computed(b) for b in batches[:warm]}
+    warmup = batches[:warm] + [b for b in batches[warm:] if n_computed(b) not in seen and not seen.add(n_computed(b))]
+    print(f"computed tokens per timed batch (ours): {sorted(n_computed(b) for b in batches[warm:])}; warmup batches: {len(warmup)}", flush=True)
     first = {}
-    for name, (run, sync) in sides.items():  # warmup (ours: compilation), untimed
+    for name, (run, sync) in sides.items():  # warmup (ours: compilation of every shape), untimed
         t0 = time.perf_counter()
-        first[name] = [sync(run(b)) for b in batches[:warm]]
+        first[name] = [sync(run(b)) for b in warmup]
         print(f"warmup {name}: {time.perf_counter() - t0:.1f} s, losses {np.round(first[name], 4).tolist()}", flush=True)
     times = {k: [] for k in sides}
     for w in range(windows):

@@ -19,9 +19,9 @@ from .core import ConfigError, check_field_types, strict_from_dict
 
 # %% auto #0
 __all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'write_kv',
-           'gqa_cached', 'gqa_decode', 'matmul', 'dense2d', 'query_blocks', 'Attention', 'MLP', 'Block', 'Knowledge',
-           'KnowledgeFusion', 'Decoder', 'count_params', 'next_token_loss', 'KVCache', 'init_cache', 'extend',
-           'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
+           'gqa_cached', 'gqa_decode', 'take_rows', 'matmul', 'dense2d', 'query_blocks', 'Attention', 'MLP', 'Block',
+           'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params', 'unpad_batch', 'next_token_loss', 'KVCache',
+           'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -288,6 +288,20 @@ def gqa_decode(q_Bx1xHxDh, # one new query per row (already rotated)
     return (o_BxKxGxDh / jnp.maximum(l_BxKxG, 1e-30)[..., None]).reshape(B, 1, H, Dh).astype(q_Bx1xHxDh.dtype)
 
 @jax.custom_vjp
+def take_rows(x_Nx_, # rows to take from
+              rows_M, # [M] the row of x each output row takes (every row of x taken at most once, but for rows whose gradient is zero)
+              back_N, # [N] the output row that took each row of x; M: none (its gradient is zero)
+             ):
+    "x[rows], whose backward pass is a gather by `back` as well, not the scatter-add XLA's CPU backend runs slowly."
+    return x_Nx_[rows_M]
+
+def _take_rows_fwd(x_Nx_, rows_M, back_N): return x_Nx_[rows_M], back_N
+
+def _take_rows_bwd(back_N, g_Mx_): return jnp.concatenate([g_Mx_, jnp.zeros_like(g_Mx_[:1])])[back_N], None, None
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+@jax.custom_vjp
 def matmul(x_NxI, w_IxO):
     "x @ w, differentiated by two GEMMs in the layouts XLA's CPU backend runs fastest: dx = g w^T and dw = (x^T) g, x^T copied out first."
     return x_NxI @ w_IxO
@@ -330,13 +344,24 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD, positions_BxT,
                  mask, # [B, T, T] without a cache; with one, (mask over its slots [B, T, S], mask over the new keys [B, T, T])
                  cache=None, # (keys [L, B, K, Dh, S], values [L, B, K, S, Dh], this layer's index) of the whole cache, or None
-                 key=None):
+                 key=None,
+                 unpad=None, # (index [N], slot [B', T']) of `unpad_batch`: x holds only the N computed tokens, as [1, N, D]
+                ):
         c = self.cfg
         B, T, _ = x_BxTxD.shape
         q_BxTxHxDh = rope(dense2d(self.q, x_BxTxD).reshape(B, T, c.H, c.Dh), positions_BxT, c.rope_theta)
         k_BxTxKxDh = rope(dense2d(self.k, x_BxTxD).reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
         v_BxTxKxDh = dense2d(self.v, x_BxTxD).reshape(B, T, c.K, c.Dh)
-        if cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key, query_blocks(T))
+        if unpad is not None:  # attention on the rows' own layout [B', T'], its output back to the computed tokens
+            index_N, slot_BxT = unpad
+            Bp, Tp = slot_BxT.shape
+            slot_R = slot_BxT.reshape(-1)
+            # the padding slots left out read a zero row; backward, each computed token takes its own slot's gradient
+            q_, k_, v_ = (take_rows(jnp.concatenate([a[0], jnp.zeros_like(a[0, :1])]), slot_R, jnp.append(index_N, 0)).reshape(Bp, Tp, *a.shape[2:])
+                          for a in (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh))
+            o_BxTxHxDh = gqa(q_, k_, v_, mask, c.dropout, key, query_blocks(Tp))
+            o_BxTxHxDh = take_rows(o_BxTxHxDh.reshape(Bp * Tp, c.H, c.Dh), index_N, slot_R)[None]
+        elif cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key, query_blocks(T))
         elif T == 1: o_BxTxHxDh = gqa_decode(q_BxTxHxDh, *cache, k_BxTxKxDh, v_BxTxKxDh, mask[0][:, 0], mask[1][:, 0, 0])  # sampling: no dropout
         else:
             ck_LxBxKxDhxS, cv_LxBxKxSxDh, layer = cache
@@ -363,9 +388,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.D, cfg.eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, h_BxTxD, positions_BxT, mask_BxTxS, cache=None, key=None):
+    def __call__(self, h_BxTxD, positions_BxT, mask_BxTxS, cache=None, key=None, unpad=None):
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-        a_BxTxD, kv = self.attn(self.attn_norm(h_BxTxD), positions_BxT, mask_BxTxS, cache, keys[0])
+        a_BxTxD, kv = self.attn(self.attn_norm(h_BxTxD), positions_BxT, mask_BxTxS, cache, keys[0], unpad)
         h_BxTxD = h_BxTxD + _dropout(a_BxTxD, self.cfg.dropout, keys[1])
         h_BxTxD = h_BxTxD + _dropout(self.mlp(self.mlp_norm(h_BxTxD)), self.cfg.dropout, keys[2])
         return h_BxTxD, kv
@@ -423,12 +448,12 @@ class Decoder(nnx.Module):
             if f is not None: h_BxTxD = h_BxTxD + f(tokens_BxT)
         return _dropout(h_BxTxD, self.cfg.dropout, key)
 
-    def forward(self, h_BxTxD, positions_BxT, mask, cache=None, key=None):
-        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` as in `Attention` (with a cache: the masks over its slots and over the new keys), `cache` = (keys, values) of `KVCache`."
+    def forward(self, h_BxTxD, positions_BxT, mask, cache=None, key=None, unpad=None):
+        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` as in `Attention` (with a cache: the masks over its slots and over the new keys), `cache` = (keys, values) of `KVCache`; `unpad` as in `Attention`."
         c = self.cfg
         def layer(h_BxTxD, block, i):
             k = None if key is None else jax.random.fold_in(key, i)
-            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (*cache, i), k)
+            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (*cache, i), k, unpad)
             return h_BxTxD, (kv if cache is not None else None)
         if c.remat: layer = nnx.remat(layer, graph=False)
         if c.scan_layers or cache is not None:  # one compiled layer body: fast compiles, and the faster KV-cached decode
@@ -446,6 +471,7 @@ class Decoder(nnx.Module):
                  positions_BxT=None, # positions, restarting at 0 per patient (default 0..T-1)
                  segments_BxT=None, # segment ids: one per patient chunk, 0 = padding (default all 1)
                  *, key=None, # PRNG key: dropout on when given (training)
+                 unpad=None, # (index [N], slot [B, T]) of `unpad_batch`: logits of those N tokens only, [1, N, V]
                 ):
         "Next-token logits [B, T, V] (float32) for packed rows."
         B, T = tokens_BxT.shape
@@ -454,8 +480,10 @@ class Decoder(nnx.Module):
         if segments_BxT is None: segments_BxT = jnp.ones((B, T), jnp.int32)
         slots_T = jnp.arange(T)
         key_e, key_l = (None, None) if key is None else jax.random.split(key)
+        if unpad is not None:  # the position-wise layers see the N computed tokens only, as one row
+            tokens_BxT, positions_BxT = (a.reshape(-1)[unpad[0]][None] for a in (tokens_BxT, positions_BxT))
         logits_BxTxV, _ = self.forward(self.embed_tokens(tokens_BxT, key_e), positions_BxT,
-                                       attention_mask(segments_BxT, segments_BxT, slots_T, slots_T), key=key_l)
+                                       attention_mask(segments_BxT, segments_BxT, slots_T, slots_T), key=key_l, unpad=unpad)
         return logits_BxTxV
 
     def param_counts(self) -> dict:
@@ -481,6 +509,21 @@ def count_params(model: nnx.Module) -> int:
 # %% ../nbs/05_model.ipynb #f53866cd
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
+def unpad_batch(batch: dict, # a host (NumPy) batch of `make_batches`: [B, T] arrays
+                quantum: int | None = None, # the computed-token count is rounded up to a multiple of this (one compiled shape per multiple); default T // 2
+               ) -> dict:
+    "`batch` with 'unpad_index' [N] (the flat slot of each real token, then padding slots up to the rounded count N) and 'unpad_slot' [B, T] (each slot's place among those N; N for a padding slot left out)."
+    seg = np.asarray(batch["segment_ids"])
+    B, T = seg.shape
+    real_R = seg.reshape(-1) > 0
+    idx, pad = np.flatnonzero(real_R), np.flatnonzero(~real_R)
+    q = max(1, quantum or T // 2)
+    N = min(B * T, max(q, -(-len(idx) // q) * q))
+    index = np.concatenate([idx, pad[:N - len(idx)]]).astype(np.int32)
+    slot = np.full(B * T, N, np.int32)
+    slot[index] = np.arange(N, dtype=np.int32)
+    return {**batch, "unpad_index": index, "unpad_slot": slot.reshape(B, T)}
+
 def next_token_loss(model: Decoder, # the model
                     batch: dict, # tokens, targets, loss_mask, segment_ids, positions: [B, L] each
                     key=None, # PRNG key for dropout; None = deterministic (evaluation)
@@ -488,7 +531,11 @@ def next_token_loss(model: Decoder, # the model
     "Mean next-token cross-entropy over batch['loss_mask'] -> (loss, aux) for value_and_grad(has_aux=True)."
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing: raise ValueError(f"next_token_loss: batch lacks {missing} (expected the keys of make_batches: {list(BATCH_KEYS)})")
-    logits_BxTxV = model(batch["tokens"], batch["positions"], batch["segment_ids"], key=key)
+    if "unpad_index" in batch:  # the real tokens only (`unpad_batch`): logits, targets and weights [1, N]
+        idx_N = batch["unpad_index"]
+        logits_BxTxV = model(batch["tokens"], batch["positions"], batch["segment_ids"], key=key, unpad=(idx_N, batch["unpad_slot"]))
+        batch = {k: batch[k].reshape(-1)[idx_N][None] for k in ("targets", "loss_mask")}
+    else: logits_BxTxV = model(batch["tokens"], batch["positions"], batch["segment_ids"], key=key)
     targets_BxT = batch["targets"]
     ce_BxT = jax.nn.logsumexp(logits_BxTxV, -1) - jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], -1)[..., 0]
     w_BxT = batch["loss_mask"].astype(jnp.float32)

@@ -23,7 +23,7 @@ import polars as pl
 from flax import nnx
 
 from .core import ConfigError, RunConfig, RunDir, atomic_path, check_field_types, get_logger, make_key, strict_from_dict, write_json, write_text
-from .model import Decoder, Knowledge, ModelConfig, data_mesh, next_token_loss, replicate, shard_batch
+from .model import Decoder, Knowledge, ModelConfig, data_mesh, next_token_loss, replicate, shard_batch, unpad_batch
 from .tokenizer import PAD, Vocab, make_batches, read_tokens
 
 # %% auto #0
@@ -405,6 +405,7 @@ def train(model_dir, # RUN/model: ckpt/, metrics.jsonl, params.npz, model_config
         while st["step"] < c.steps and not st["stopped_early"]:
             s = st["step"]
             batch = data(s)
+            if mesh.size == 1: batch = unpad_batch(batch)  # one device: no work on padding (over several, each takes its rows whole)
             n_tok += int(batch["loss_mask"].sum())
             params, opt_state, m = step_fn(params, opt_state, rest, shard_batch(batch, mesh), jax.random.fold_in(key_drop, s),
                                            np.float32(lr_at(c, s)))

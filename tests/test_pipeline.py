@@ -156,3 +156,22 @@ def test_bad_params_fail_before_any_work(tmp_path, capsys, yaml_text, fragment):
 def test_validate_command(tmp_path, capsys):
     assert main(["validate", str(tmp_path)]) == 1
     assert "not a MEDS dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["keep", "system"])
+def test_kernel_gets_the_malloc_settings(tmp_path, monkeypatch, setting):
+    "The pipeline's notebook kernel starts with glibc's malloc settings in its environment (core.malloc_env), unless SYNEHR_MALLOC=system."
+    import nbformat
+    import papermill as pm
+    from synehr.pipeline import _local_kernel_manager
+    monkeypatch.setenv("SYNEHR_MALLOC", setting)
+    for k in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"): monkeypatch.delenv(k, raising=False)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os, synehr.core as c\nprint([os.environ.get(k) for k in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_')], c.MALLOC_TUNED)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "probe.ipynb")
+    (tmp_path / "sock").mkdir(mode=0o700)
+    out = pm.execute_notebook(str(tmp_path / "probe.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
+                              kernel_manager_class=_local_kernel_manager(tmp_path / "sock"))
+    text = out.cells[0].outputs[0]["text"].strip()
+    assert text == ("['1', '0', '2147483647'] True" if setting == "keep" else "[None, None, None] False"), text

@@ -18,7 +18,7 @@ from _devices import run_on_devices
 from synehr.cohort import build_cohort
 from synehr.core import ConfigError, RunConfig, make_key
 from synehr.demo import write_demo_cohort
-from synehr.model import Decoder, ModelConfig, next_token_loss
+from synehr.model import Decoder, ModelConfig, next_token_loss, unpad_batch
 from synehr.tokenizer import Vocab, fit_vocab, make_batches, read_tokens, write_tokens
 from synehr.train import TrainConfig, load_model, read_metrics, train_stage
 
@@ -166,6 +166,13 @@ def test_padding_does_not_affect_loss_or_gradient(demo):
     (l0, g0), (l1, g1) = f(params, jax.tree.map(jnp.asarray, b)), f(params, jax.tree.map(jnp.asarray, p))
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)): np.testing.assert_allclose(y, x, atol=1e-7)
+    # train's one-device path computes the real tokens only (unpad_batch): same loss and gradients, garbage or not
+    for q in (16, 64):
+        u = unpad_batch(p, q)
+        assert len(u["unpad_index"]) < 7 * CTX
+        l2, g2 = f(params, jax.tree.map(jnp.asarray, u))
+        np.testing.assert_allclose(float(l2), float(l0), rtol=1e-6)
+        for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g2)): np.testing.assert_allclose(y, x, atol=1e-7)
 
 
 def device_losses(run, out_path=None, steps=6):
