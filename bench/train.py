@@ -223,7 +223,7 @@ def main(argv=None):
         print(f"memory {name}: {mem[name]}", flush=True)
 
     what = (f"training tokens/s, Coogee-size model (V {V}, D 384, F 1024, L 6, H 6, K 2), batch {B}x{a.context}, "
-            f"AdamW + clip, float32, median of {windows} windows of {steps} steps")
+            f"AdamW + clip, float32, ours computing the real tokens only (unpad_batch, as train does on one device), median of {windows} windows of {steps} steps")
     extra = dict(batch=B, context=a.context, first_losses={k: v[0] for k, v in first.items()}, memory=mem,
                  step_seconds={k: [t / steps for t in v] for k, v in times.items()})
     recs = []
