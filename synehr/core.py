@@ -33,7 +33,7 @@ __all__ = ['MALLOC_TUNED', 'tune_malloc', 'malloc_env', 'make_key', 'make_rng', 
 for _old, _new in (("tree_map", jax.tree.map), ("tree_leaves", jax.tree.leaves)):
     if not hasattr(jax, _old): setattr(jax, _old, _new)
 
-# %% ../nbs/00_core.ipynb #b39ad125
+# %% ../nbs/00_core.ipynb #5ca86556
 # each setting: its name in glibc's environment variable MALLOC_<name>, its mallopt parameter (malloc.h), the value
 _MALLOC = (("ARENA_MAX", -8, 1), ("MMAP_MAX_", -4, 0), ("TRIM_THRESHOLD_", -1, 2**31 - 1))
 

@@ -52,6 +52,7 @@ class TrainConfig:
     ckpt_every: int = 0 # checkpoint every this many steps (0 = at every evaluation)
     keep: int = 2 # checkpoints kept on disk
     seed: int = 0 # the run's seed: initialisation, data order and dropout derive from it
+    unpad: int = 1000 # on one device, compute the real tokens only (`unpad_batch`) in runs of at least this many steps (each computed-token count compiles once: short runs would not win it back); 0 = always, -1 = never
     wandb: bool = False # also log to Weights & Biases (only if `wandb` is installed)
     wandb_project: str = "synehr" # the W&B project
 
@@ -63,11 +64,12 @@ class TrainConfig:
             if getattr(self, k) < 0: raise ConfigError(f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1: raise ConfigError(f"TrainConfig: lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.keep < 1: raise ConfigError(f"TrainConfig.keep must be >= 1, got {self.keep}")
+        if self.unpad < -1: raise ConfigError(f"TrainConfig.unpad must be >= -1 (-1 = never), got {self.unpad}")
 
     @classmethod
     def tiny(cls, **kw) -> TrainConfig:
-        "A few dozen steps of a tiny model: lessons and tests on a laptop CPU."
-        return cls(**{**dict(steps=40, batch_size=8, lr=1e-2, warmup=4, eval_every=10, patience=3), **kw})
+        "A few dozen steps of a tiny model: lessons and tests on a laptop CPU (real tokens only from the first step: tiny shapes compile in a second)."
+        return cls(**{**dict(steps=40, batch_size=8, lr=1e-2, warmup=4, eval_every=10, patience=3, unpad=0), **kw})
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
 
@@ -405,7 +407,7 @@ def train(model_dir, # RUN/model: ckpt/, metrics.jsonl, params.npz, model_config
         while st["step"] < c.steps and not st["stopped_early"]:
             s = st["step"]
             batch = data(s)
-            if mesh.size == 1: batch = unpad_batch(batch)  # one device: no work on padding (over several, each takes its rows whole)
+            if mesh.size == 1 and 0 <= c.unpad <= c.steps: batch = unpad_batch(batch)  # no work on padding (over several devices, each takes its rows whole)
             n_tok += int(batch["loss_mask"].sum())
             params, opt_state, m = step_fn(params, opt_state, rest, shard_batch(batch, mesh), jax.random.fold_in(key_drop, s),
                                            np.float32(lr_at(c, s)))
