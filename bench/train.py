@@ -7,8 +7,9 @@ the PyTorch reference (bench/_llama_ref.py). Both train on the same packed batch
 (same batch size and context length): one step is forward, masked next-token cross-entropy, backward, global-norm
 clipping at 1.0 and AdamW (b1 0.9, b2 0.95, decay 0.1), float32.
 - ours: `synehr.train.make_train_step` (one jitted step, parameters and optimiser state donated) on the batch as
-  `synehr.train.train` gives it on one device: with `unpad_batch`'s indices, so the position-wise layers compute the
-  real tokens only (rounded up to a multiple of T/2: one compiled shape per multiple);
+  `synehr.train.train` gives it on one device in runs of TrainConfig.unpad (1000) steps or more: with `unpad_batch`'s
+  indices, so the position-wise layers compute the real tokens only (rounded up to a multiple of T/2: one compiled
+  shape per multiple);
 - torch: LlamaForCausalLM in train mode (its default SDPA attention; the padding mask as attention_mask),
   torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW. Its SDPA path has no per-patient segment mask, so rows that
   pack several patients attend across them and its losses differ slightly from ours; the work per step is the same.
@@ -223,7 +224,7 @@ def main(argv=None):
         print(f"memory {name}: {mem[name]}", flush=True)
 
     what = (f"training tokens/s, Coogee-size model (V {V}, D 384, F 1024, L 6, H 6, K 2), batch {B}x{a.context}, "
-            f"AdamW + clip, float32, ours computing the real tokens only (unpad_batch, as train does on one device), median of {windows} windows of {steps} steps")
+            f"AdamW + clip, float32, ours computing the real tokens only (unpad_batch, as train does on one device from 1000 steps), median of {windows} windows of {steps} steps")
     extra = dict(batch=B, context=a.context, first_losses={k: v[0] for k, v in first.items()}, memory=mem,
                  step_seconds={k: [t / steps for t in v] for k, v in times.items()})
     recs = []
