@@ -18,7 +18,8 @@ the first batches and one batch of every other computed-token count the timed ba
 windows (3 with --quick); tokens/s counts every position of the [B, T] batch. Peak memory: each side in its own
 child process (the same batches), peak RSS during 3 training steps minus the RSS before the first step (ours also
 reports XLA's planned buffer sizes). ratio = ours / torch in tokens/s (> 1 is better); target >= 1.2x.
-Needs torch + transformers (the benchmark's environment only: /tmp/benchenv, made with
+The process's glibc malloc settings (synehr.core.tune_malloc, by SYNEHR_MALLOC: keep, the default, or one-arena)
+apply to both sides and are named in the record. Needs torch + transformers (the benchmark's environment only: /tmp/benchenv, made with
 `python -m venv --system-site-packages /tmp/benchenv && /tmp/benchenv/bin/pip install /opt/wheels/torch-*.whl transformers`);
 without them only ours is measured. Writes bench/results/train.json and appends rows to bench/README.md.
 """
@@ -224,7 +225,8 @@ def main(argv=None):
         print(f"memory {name}: {mem[name]}", flush=True)
 
     what = (f"training tokens/s, Coogee-size model (V {V}, D 384, F 1024, L 6, H 6, K 2), batch {B}x{a.context}, "
-            f"AdamW + clip, float32, ours computing the real tokens only (unpad_batch, as train does on one device from 1000 steps), median of {windows} windows of {steps} steps")
+            f"AdamW + clip, float32, ours computing the real tokens only (unpad_batch, as train does on one device from 1000 steps), "
+            f"SYNEHR_MALLOC={os.environ.get('SYNEHR_MALLOC', 'keep')}, median of {windows} windows of {steps} steps")
     extra = dict(batch=B, context=a.context, first_losses={k: v[0] for k, v in first.items()}, memory=mem,
                  step_seconds={k: [t / steps for t in v] for k, v in times.items()})
     recs = []

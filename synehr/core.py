@@ -25,8 +25,8 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['MALLOC_TUNED', 'tune_malloc', 'malloc_env', 'make_key', 'make_rng', 'atomic_path', 'write_bytes', 'write_text',
-           'write_json', 'write_parquet', 'get_logger', 'progress', 'ConfigError', 'check_field_types',
+__all__ = ['MALLOC_MODES', 'MALLOC_TUNED', 'tune_malloc', 'malloc_env', 'make_key', 'make_rng', 'atomic_path', 'write_bytes',
+           'write_text', 'write_json', 'write_parquet', 'get_logger', 'progress', 'ConfigError', 'check_field_types',
            'strict_from_dict', 'RunConfig', 'RunDir']
 
 # %% ../nbs/00_core.ipynb #aae724e6
@@ -35,24 +35,29 @@ for _old, _new in (("tree_map", jax.tree.map), ("tree_leaves", jax.tree.leaves))
 
 # %% ../nbs/00_core.ipynb #5ca86556
 # each setting: its name in glibc's environment variable MALLOC_<name>, its mallopt parameter (malloc.h), the value
-_MALLOC = (("ARENA_MAX", -8, 1), ("MMAP_MAX_", -4, 0), ("TRIM_THRESHOLD_", -1, 2**31 - 1))
+_KEEP = (("MMAP_MAX_", -4, 0), ("TRIM_THRESHOLD_", -1, 2**31 - 1))
+MALLOC_MODES = {"keep": _KEEP, "one-arena": (("ARENA_MAX", -8, 1),) + _KEEP, "system": ()}
 
-def _malloc_wanted(environ) -> bool: return (os.environ if environ is None else environ).get("SYNEHR_MALLOC", "keep") != "system"
+def _malloc_settings(environ) -> tuple:
+    mode = (os.environ if environ is None else environ).get("SYNEHR_MALLOC", "keep")
+    if mode not in MALLOC_MODES: raise ValueError(f"the environment variable SYNEHR_MALLOC must be one of {list(MALLOC_MODES)}, got {mode!r}")
+    return MALLOC_MODES[mode]
 
 def tune_malloc(environ=None, # the environment to read SYNEHR_MALLOC from (default os.environ)
                ) -> bool:
-    "Make glibc's malloc keep freed memory for reuse (one arena, no mmap per block, trim above 2 GiB free); whether it did."
-    if not _malloc_wanted(environ) or not sys.platform.startswith("linux"): return False
+    "Make glibc's malloc keep freed memory for reuse, as SYNEHR_MALLOC says (`MALLOC_MODES`); whether it changed anything."
+    settings = _malloc_settings(environ)
+    if not settings or not sys.platform.startswith("linux"): return False
     import ctypes
     import platform
     if platform.libc_ver()[0] != "glibc": return False
     try: libc = ctypes.CDLL("libc.so.6")
     except OSError: return False
-    return all([libc.mallopt(p, v) == 1 for _, p, v in _MALLOC])
+    return all([libc.mallopt(p, v) == 1 for _, p, v in settings])
 
 def malloc_env(environ=None) -> dict[str, str]:
-    "The same settings as the environment variables glibc reads when a process starts (for child processes); {} with SYNEHR_MALLOC=system."
-    return {f"MALLOC_{n}": str(v) for n, _, v in _MALLOC} if _malloc_wanted(environ) else {}
+    "The same settings as the environment variables glibc reads when a process starts (for child processes)."
+    return {f"MALLOC_{n}": str(v) for n, _, v in _malloc_settings(environ)}
 
 MALLOC_TUNED = tune_malloc()
 

@@ -158,9 +158,9 @@ def test_validate_command(tmp_path, capsys):
     assert "not a MEDS dataset" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting", ["keep", "system"])
+@pytest.mark.parametrize("setting", ["keep", "one-arena", "system"])
 def test_kernel_gets_the_malloc_settings(tmp_path, monkeypatch, setting):
-    "The pipeline's notebook kernel starts with glibc's malloc settings in its environment (core.malloc_env), unless SYNEHR_MALLOC=system."
+    "The pipeline's notebook kernel starts with the glibc malloc settings SYNEHR_MALLOC names in its environment (core.malloc_env)."
     import nbformat
     import papermill as pm
     from synehr.pipeline import _local_kernel_manager
@@ -174,4 +174,5 @@ def test_kernel_gets_the_malloc_settings(tmp_path, monkeypatch, setting):
     out = pm.execute_notebook(str(tmp_path / "probe.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
                               kernel_manager_class=_local_kernel_manager(tmp_path / "sock"))
     text = out.cells[0].outputs[0]["text"].strip()
-    assert text == ("['1', '0', '2147483647'] True" if setting == "keep" else "[None, None, None] False"), text
+    assert text == ("[None, '0', '2147483647'] True" if setting == "keep" else "['1', '0', '2147483647'] True" if setting == "one-arena"
+                    else "[None, None, None] False"), text
