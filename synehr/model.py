@@ -289,15 +289,17 @@ def gqa_decode(q_Bx1xHxDh, # one new query per row (already rotated)
 
 @jax.custom_vjp
 def take_rows(x_Nx_, # rows to take from
-              rows_M, # [M] the row of x each output row takes (every row of x taken at most once, but for rows whose gradient is zero)
-              back_N, # [N] the output row that took each row of x; M: none (its gradient is zero)
+              rows_M, # [M] the row of x each output row takes, N: none (a zero row); each row of x taken at most once, but for rows whose gradient is zero
+              back_N, # [N] the output row that took each row of x, M: none (its gradient is zero)
              ):
-    "x[rows], whose backward pass is a gather by `back` as well, not the scatter-add XLA's CPU backend runs slowly."
-    return x_Nx_[rows_M]
+    "x[rows] (zeros where a row is out of range), whose backward pass is a gather by `back` as well, not the scatter-add XLA's CPU backend runs slowly."
+    return _rows_or_zeros(x_Nx_, rows_M)
 
-def _take_rows_fwd(x_Nx_, rows_M, back_N): return x_Nx_[rows_M], back_N
+def _rows_or_zeros(x, rows): return x.at[rows].get(mode="fill", fill_value=0)
 
-def _take_rows_bwd(back_N, g_Mx_): return jnp.concatenate([g_Mx_, jnp.zeros_like(g_Mx_[:1])])[back_N], None, None
+def _take_rows_fwd(x_Nx_, rows_M, back_N): return _rows_or_zeros(x_Nx_, rows_M), back_N
+
+def _take_rows_bwd(back_N, g_Mx_): return _rows_or_zeros(g_Mx_, back_N), None, None
 
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
@@ -356,9 +358,8 @@ class Attention(nnx.Module):
             index_N, slot_BxT = unpad
             Bp, Tp = slot_BxT.shape
             slot_R = slot_BxT.reshape(-1)
-            # the padding slots left out read a zero row; backward, each computed token takes its own slot's gradient
-            q_, k_, v_ = (take_rows(jnp.concatenate([a[0], jnp.zeros_like(a[0, :1])]), slot_R, jnp.append(index_N, 0)).reshape(Bp, Tp, *a.shape[2:])
-                          for a in (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh))
+            # the padding slots left out (slot N) read zeros; backward, each computed token takes its own slot's gradient
+            q_, k_, v_ = (take_rows(a[0], slot_R, index_N).reshape(Bp, Tp, *a.shape[2:]) for a in (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh))
             o_BxTxHxDh = gqa(q_, k_, v_, mask, c.dropout, key, query_blocks(Tp))
             o_BxTxHxDh = take_rows(o_BxTxHxDh.reshape(Bp * Tp, c.H, c.Dh), index_N, slot_R)[None]
         elif cache is None: o_BxTxHxDh = gqa(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, c.dropout, key, query_blocks(T))
