@@ -6,8 +6,9 @@ vocabulary of a 300-subject demo cohort; no knowledge fusion, no dropout on eith
 the PyTorch reference (bench/_llama_ref.py). Both train on the same packed batches of the demo cohort's train split
 (same batch size and context length): one step is forward, masked next-token cross-entropy, backward, global-norm
 clipping at 1.0 and AdamW (b1 0.9, b2 0.95, decay 0.1), float32.
-- ours: `synehr.train.make_train_step` (one jitted step, parameters and optimiser state donated) on the batch as
-  `synehr.train.train` gives it on one device in runs of TrainConfig.unpad (1000) steps or more: with `unpad_batch`'s
+- ours: the step `synehr.train.train` uses on one device (`use_split_step`: `make_split_train_step`, one jitted
+  call per layer forward and backward, then the update with parameters and optimiser state donated; the fused
+  `make_train_step` for scanned or rematerialised layers) on the batch as `synehr.train.train` gives it on one device in runs of TrainConfig.unpad (1000) steps or more: with `unpad_batch`'s
   indices, so the position-wise layers compute the real tokens only (rounded up to a multiple of T/2: one compiled
   shape per multiple);
 - torch: LlamaForCausalLM in train mode (its default SDPA attention; the padding mask as attention_mask),
@@ -85,11 +86,12 @@ def ours(cfg, seed: int = 0):
     from flax import nnx
     from synehr.core import make_key
     from synehr.model import Decoder, unpad_batch
-    from synehr.train import TrainConfig, make_optimizer, make_train_step
+    from synehr.train import TrainConfig, make_optimizer, make_split_train_step, make_train_step, use_split_step
     model = Decoder(cfg, rngs=nnx.Rngs(make_key(seed, "model")))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(TrainConfig(clip=1.0, b1=0.9, b2=0.95, weight_decay=0.1))
-    step = make_train_step(graphdef, tx)
+    split = use_split_step(cfg, 1)
+    step = (make_split_train_step if split else make_train_step)(graphdef, tx)
     state = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
 
     def run(batch):
@@ -97,8 +99,10 @@ def ours(cfg, seed: int = 0):
         state["params"], state["opt"], m = step(state["params"], state["opt"], rest, b, None, np.float32(LR))
         return m["loss"]
 
-    def sync(loss): return float(loss)
-    def memory(batch):
+    def sync(loss):  # the step is done when its updated parameters are
+        jax.block_until_ready(state["params"]); return float(loss)
+    def memory(batch):  # XLA's planned buffers of the fused step (the split step is many calls: None)
+        if split: return None
         b = {k: jnp.asarray(v) for k, v in unpad_batch(batch).items()}
         ma = step.lower(state["params"], state["opt"], rest, b, None, np.float32(LR)).compile().memory_analysis()
         return None if ma is None else {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")}

@@ -20,8 +20,9 @@ from .core import ConfigError, check_field_types, strict_from_dict
 # %% auto #0
 __all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'write_kv',
            'gqa_cached', 'gqa_decode', 'take_rows', 'matmul', 'dense2d', 'query_blocks', 'Attention', 'MLP', 'Block',
-           'Knowledge', 'KnowledgeFusion', 'Decoder', 'count_params', 'unpad_batch', 'next_token_loss', 'KVCache',
-           'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
+           'Knowledge', 'KnowledgeFusion', 'layer_key', 'Decoder', 'count_params', 'unpad_batch', 'next_token_loss',
+           'batch_unpad', 'loss_targets', 'token_loss', 'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step',
+           'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -418,6 +419,12 @@ class KnowledgeFusion(nnx.Module):
 # %% ../nbs/05_model.ipynb #d71718c9
 def _count(tree) -> int: return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
+def layer_key(key, # the layers' dropout key (None: no dropout)
+              i, # the layer's index
+             ):
+    "Layer i's dropout key: `key` folded with i (None stays None)."
+    return None if key is None else jax.random.fold_in(key, i)
+
 class Decoder(nnx.Module):
     "Llama-style decoder over token ids, with optional knowledge fusion."
     def __init__(self, cfg: ModelConfig, # shapes and switches
@@ -453,8 +460,7 @@ class Decoder(nnx.Module):
         "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` as in `Attention` (with a cache: the masks over its slots and over the new keys), `cache` = (keys, values) of `KVCache`; `unpad` as in `Attention`."
         c = self.cfg
         def layer(h_BxTxD, block, i):
-            k = None if key is None else jax.random.fold_in(key, i)
-            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (*cache, i), k, unpad)
+            h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (*cache, i), layer_key(key, i), unpad)
             return h_BxTxD, (kv if cache is not None else None)
         if c.remat: layer = nnx.remat(layer, graph=False)
         if c.scan_layers or cache is not None:  # one compiled layer body: fast compiles, and the faster KV-cached decode
@@ -464,17 +470,14 @@ class Decoder(nnx.Module):
             graphdef, stacked = nnx.split(self.layers)
             for i in range(c.L):
                 h_BxTxD, kv = layer(h_BxTxD, nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)), i)
-        h_BxTxD = self.norm(h_BxTxD)
-        logits_BxTxV = dense2d(self.embed.attend if self.head is None else self.head, h_BxTxD)
-        return logits_BxTxV.astype(jnp.float32), kv
+        return self.logits(h_BxTxD), kv
 
-    def __call__(self, tokens_BxT, # token ids
-                 positions_BxT=None, # positions, restarting at 0 per patient (default 0..T-1)
-                 segments_BxT=None, # segment ids: one per patient chunk, 0 = padding (default all 1)
-                 *, key=None, # PRNG key: dropout on when given (training)
-                 unpad=None, # (index [N], slot [B, T]) of `unpad_batch`: logits of those N tokens only, [1, N, V]
-                ):
-        "Next-token logits [B, T, V] (float32) for packed rows."
+    def logits(self, h_BxTxD):
+        "The last layer's output -> next-token logits [B, T, V] (float32): final norm, then the head (or the tied embedding)."
+        return dense2d(self.embed.attend if self.head is None else self.head, self.norm(h_BxTxD)).astype(jnp.float32)
+
+    def inputs(self, tokens_BxT, positions_BxT=None, segments_BxT=None, key=None, unpad=None):
+        "What the layers take for packed rows -> (tokens and positions, as [1, N] when `unpad` is given; attention mask [B, T, T]; embedding dropout key; the layers' dropout key, see `layer_key`)."
         B, T = tokens_BxT.shape
         if T > self.cfg.T: raise ValueError(f"Decoder: {T} tokens per row exceed the context length T={self.cfg.T}")
         if positions_BxT is None: positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -483,8 +486,17 @@ class Decoder(nnx.Module):
         key_e, key_l = (None, None) if key is None else jax.random.split(key)
         if unpad is not None:  # the position-wise layers see the N computed tokens only, as one row
             tokens_BxT, positions_BxT = (a.reshape(-1)[unpad[0]][None] for a in (tokens_BxT, positions_BxT))
-        logits_BxTxV, _ = self.forward(self.embed_tokens(tokens_BxT, key_e), positions_BxT,
-                                       attention_mask(segments_BxT, segments_BxT, slots_T, slots_T), key=key_l, unpad=unpad)
+        return tokens_BxT, positions_BxT, attention_mask(segments_BxT, segments_BxT, slots_T, slots_T), key_e, key_l
+
+    def __call__(self, tokens_BxT, # token ids
+                 positions_BxT=None, # positions, restarting at 0 per patient (default 0..T-1)
+                 segments_BxT=None, # segment ids: one per patient chunk, 0 = padding (default all 1)
+                 *, key=None, # PRNG key: dropout on when given (training)
+                 unpad=None, # (index [N], slot [B, T]) of `unpad_batch`: logits of those N tokens only, [1, N, V]
+                ):
+        "Next-token logits [B, T, V] (float32) for packed rows."
+        tokens_BxT, positions_BxT, mask_BxTxT, key_e, key_l = self.inputs(tokens_BxT, positions_BxT, segments_BxT, key, unpad)
+        logits_BxTxV, _ = self.forward(self.embed_tokens(tokens_BxT, key_e), positions_BxT, mask_BxTxT, key=key_l, unpad=unpad)
         return logits_BxTxV
 
     def param_counts(self) -> dict:
@@ -532,14 +544,25 @@ def next_token_loss(model: Decoder, # the model
     "Mean next-token cross-entropy over batch['loss_mask'] -> (loss, aux) for value_and_grad(has_aux=True)."
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing: raise ValueError(f"next_token_loss: batch lacks {missing} (expected the keys of make_batches: {list(BATCH_KEYS)})")
-    if "unpad_index" in batch:  # the real tokens only (`unpad_batch`): logits, targets and weights [1, N]
-        idx_N = batch["unpad_index"]
-        logits_BxTxV = model(batch["tokens"], batch["positions"], batch["segment_ids"], key=key, unpad=(idx_N, batch["unpad_slot"]))
-        batch = {k: batch[k].reshape(-1)[idx_N][None] for k in ("targets", "loss_mask")}
-    else: logits_BxTxV = model(batch["tokens"], batch["positions"], batch["segment_ids"], key=key)
-    targets_BxT = batch["targets"]
+    logits_BxTxV = model(batch["tokens"], batch["positions"], batch["segment_ids"], key=key, unpad=batch_unpad(batch))
+    return token_loss(logits_BxTxV, *loss_targets(batch))
+
+def batch_unpad(batch: dict):
+    "The `unpad` argument of `Decoder` for a batch: (unpad_index, unpad_slot) of `unpad_batch`, or None for a padded batch."
+    return (batch["unpad_index"], batch["unpad_slot"]) if "unpad_index" in batch else None
+
+def loss_targets(batch: dict) -> tuple:
+    "(targets, loss_mask) of the tokens the model computes: [B, T], or [1, N] for the real tokens only (`unpad_batch`)."
+    if "unpad_index" not in batch: return batch["targets"], batch["loss_mask"]
+    return tuple(batch[k].reshape(-1)[batch["unpad_index"]][None] for k in ("targets", "loss_mask"))
+
+def token_loss(logits_BxTxV, # next-token logits (float32)
+               targets_BxT, # the next tokens
+               loss_mask_BxT, # 1 where the token counts
+              ):
+    "Mean next-token cross-entropy over the mask -> (loss, {'loss', 'accuracy', 'n_tokens'})."
     ce_BxT = jax.nn.logsumexp(logits_BxTxV, -1) - jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], -1)[..., 0]
-    w_BxT = batch["loss_mask"].astype(jnp.float32)
+    w_BxT = loss_mask_BxT.astype(jnp.float32)
     n = w_BxT.sum()
     loss = (ce_BxT * w_BxT).sum() / jnp.maximum(n, 1.0)
     acc = ((jnp.argmax(logits_BxTxV, -1) == targets_BxT) * w_BxT).sum() / jnp.maximum(n, 1.0)

@@ -23,14 +23,15 @@ import polars as pl
 from flax import nnx
 
 from .core import ConfigError, RunConfig, RunDir, atomic_path, check_field_types, get_logger, make_key, strict_from_dict, write_json, write_text
-from .model import Decoder, Knowledge, ModelConfig, data_mesh, next_token_loss, replicate, shard_batch, unpad_batch
+from .model import (Decoder, Knowledge, ModelConfig, batch_unpad, data_mesh, layer_key, loss_targets, next_token_loss, replicate,
+                          shard_batch, token_loss, unpad_batch)
 from .tokenizer import PAD, Vocab, make_batches, read_tokens
 
 # %% auto #0
-__all__ = ['TrainConfig', 'lr_schedule', 'lr_at', 'make_optimizer', 'EpochBatches', 'make_train_step', 'token_categories',
-           'make_eval_step', 'evaluate', 'category_frame', 'save_model', 'load_model', 'save_checkpoint',
-           'restore_checkpoint', 'read_metrics', 'plot_losses', 'TrainResult', 'train', 'check_tokens',
-           'read_knowledge', 'train_stage']
+__all__ = ['TrainConfig', 'lr_schedule', 'lr_at', 'make_optimizer', 'EpochBatches', 'make_train_step', 'make_split_train_step',
+           'use_split_step', 'token_categories', 'make_eval_step', 'evaluate', 'category_frame', 'save_model',
+           'load_model', 'save_checkpoint', 'restore_checkpoint', 'read_metrics', 'plot_losses', 'TrainResult', 'train',
+           'check_tokens', 'read_knowledge', 'train_stage']
 
 # %% ../nbs/06_train.ipynb #3ebb461a
 @dataclass(frozen=True)
@@ -157,10 +158,71 @@ def make_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0]
         return params, opt_state, {**aux, "grad_norm": optax.tree.norm(grads)}
     return jax.jit(step, donate_argnums=(0, 1))
 
+def make_split_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0], the layers unrolled (not cfg.scan_layers)
+                          tx: optax.GradientTransformation, # the optimiser, without the learning rate (`make_optimizer`)
+                         ):
+    "`make_train_step`'s step, same contract and result, as 2L + 4 jitted calls: the embedding, each layer and the head + loss forward, each returning its VJP; the VJPs backward; the update (params and opt_state donated)."
+    layer_def = {}  # one layer's graph, read from the model at the first call
+
+    def outer_layers(params):  # the stacked layers' parameters apart from the rest, as plain dicts of Params
+        raw = params.raw_mapping
+        return {k: v for k, v in raw.items() if k != "layers"}, raw["layers"]
+
+    def model_of(outer, layers, rest): return nnx.merge(graphdef, nnx.State({**outer, "layers": layers}), rest)
+
+    @jax.jit
+    def embed(outer, layers, rest, batch, key):  # -> embeddings and their VJP, the layers' positions, mask, parameters and keys
+        m = model_of(outer, layers, rest)
+        tokens, positions, mask, key_e, key_l = m.inputs(batch["tokens"], batch["positions"], batch["segment_ids"], key, batch_unpad(batch))
+        h, f = jax.vjp(lambda o: model_of(o, layers, rest).embed_tokens(tokens, key_e), outer)
+        L = jax.tree.leaves(layers)[0].shape[0]
+        return h, f, positions, mask, [jax.tree.map(lambda x: x[i], layers) for i in range(L)], [layer_key(key_l, i) for i in range(L)]
+
+    @jax.jit
+    def layer(lp, h, positions, mask, key, unpad):  # -> the layer's output and its VJP (its residuals as output buffers)
+        return jax.vjp(lambda lp, h: nnx.merge(layer_def["graph"], nnx.State(lp))(h, positions, mask, None, key, unpad)[0], lp, h)
+
+    @jax.jit
+    def head(outer, layers, rest, h, batch):  # -> metrics, and the gradients of the loss w.r.t. the outer parameters and h
+        def loss(o, h): return token_loss(model_of(o, layers, rest).logits(h), *loss_targets(batch))
+        (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(outer, h)
+        return aux, grads
+
+    back = jax.jit(lambda vjp, g: vjp(g))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, g_head, g_embed, g_layers, lr):
+        grads = nnx.State({**jax.tree.map(jnp.add, g_head, g_embed), "layers": jax.tree.map(lambda *g: jnp.stack(g), *g_layers)})
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), params, updates)
+        return params, opt_state, optax.tree.norm(grads)
+
+    def step(params, opt_state, rest, batch, key, lr):
+        outer, layers = outer_layers(params)
+        if "graph" not in layer_def: layer_def["graph"] = nnx.graphdef(model_of(outer, layers, rest).layers)
+        unpad = batch_unpad(batch)
+        h, f_embed, positions, mask, per_layer, keys = embed(outer, layers, rest, batch, key)
+        vjps = []
+        for lp, k in zip(per_layer, keys):
+            h, f = layer(lp, h, positions, mask, k, unpad); vjps.append(f)
+        aux, (g_outer, g_h) = head(outer, layers, rest, h, batch)
+        g_layers = [None] * len(vjps)
+        for i in reversed(range(len(vjps))):
+            (g_layers[i], g_h), vjps[i] = back(vjps[i], g_h), None  # each layer's residuals freed once used
+        (g_embed,) = back(f_embed, g_h)
+        params, opt_state, grad_norm = update(params, opt_state, g_outer, g_embed, g_layers, lr)
+        return params, opt_state, {**aux, "grad_norm": grad_norm}
+    return step
+
+def use_split_step(model_cfg: ModelConfig, n_devices: int) -> bool:
+    "Whether `train` steps with `make_split_train_step`: on one device, the layers unrolled and not rematerialised."
+    return n_devices == 1 and not (model_cfg.scan_layers or model_cfg.remat)
+
 @functools.lru_cache(maxsize=16)
-def _cached_steps(graphdef, opt: tuple, cat_V: tuple, n_cat: int):
+def _cached_steps(graphdef, opt: tuple, cat_V: tuple, n_cat: int, split: bool = False):
     "The train and eval steps of a model graph and optimiser settings, compiled once per process."
-    return make_train_step(graphdef, make_optimizer(TrainConfig(**dict(opt)))), make_eval_step(graphdef, np.asarray(cat_V, np.int32), n_cat)
+    make = make_split_train_step if split else make_train_step
+    return make(graphdef, make_optimizer(TrainConfig(**dict(opt)))), make_eval_step(graphdef, np.asarray(cat_V, np.int32), n_cat)
 
 # %% ../nbs/06_train.ipynb #66f01ed2
 def token_categories(vocab: Vocab) -> tuple[list[str], np.ndarray]:
@@ -363,7 +425,7 @@ def train(model_dir, # RUN/model: ckpt/, metrics.jsonl, params.npz, model_config
     eval_batches = make_batches(tuning_tokens, context_len, packing, seed=c.seed, batch_size=c.batch_size)
     names, cat_V = token_categories(vocab)
     opt = tuple((k, getattr(c, k)) for k in ("clip", "b1", "b2", "weight_decay"))
-    step_fn, eval_fn = _cached_steps(graphdef, opt, tuple(cat_V.tolist()), len(names))
+    step_fn, eval_fn = _cached_steps(graphdef, opt, tuple(cat_V.tolist()), len(names), use_split_step(model_cfg, mesh.size))
     chash = hashlib.sha256(json.dumps([c.hash(), model_cfg.to_dict(), context_len, packing], sort_keys=True).encode()).hexdigest()[:16]
 
     mgr = _ckpt_manager(ckpt_dir, c.keep)
