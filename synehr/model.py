@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -18,11 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .core import ConfigError, check_field_types, strict_from_dict
 
 # %% auto #0
-__all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'RMSNorm', 'rope', 'attention_mask', 'gqa', 'write_slots', 'write_kv',
-           'gqa_cached', 'gqa_decode', 'take_rows', 'matmul', 'dense2d', 'query_blocks', 'Attention', 'MLP', 'Block',
-           'Knowledge', 'KnowledgeFusion', 'layer_key', 'Decoder', 'count_params', 'unpad_batch', 'next_token_loss',
-           'batch_unpad', 'loss_targets', 'token_loss', 'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step',
-           'data_mesh', 'shard_batch', 'replicate']
+__all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'rms_norm', 'RMSNorm', 'rope_angles', 'rope', 'attention_mask', 'gqa',
+           'write_slots', 'write_kv', 'gqa_cached', 'gqa_decode', 'take_rows', 'matmul', 'dense2d', 'query_blocks',
+           'Attention', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion', 'layer_key', 'Decoder', 'count_params',
+           'unpad_batch', 'next_token_loss', 'batch_unpad', 'loss_targets', 'token_loss', 'KVCache', 'init_cache',
+           'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -102,6 +103,29 @@ class ModelConfig:
                 f"| field | value |\n|---|---|\n{rows}")
 
 # %% ../nbs/05_model.ipynb #9482215c
+def _row_mean(a_NxD):
+    "The mean over the last axis [..., 1], as a matrix-vector product (XLA's CPU backend runs those far faster than its reductions)."
+    return a_NxD @ jnp.full((a_NxD.shape[-1], 1), 1.0 / a_NxD.shape[-1], a_NxD.dtype)
+
+def _rms_fwd(x_NxD, scale_D, eps):
+    r_Nx1 = jax.lax.rsqrt(_row_mean(jnp.square(x_NxD)) + eps)
+    return x_NxD * r_Nx1 * scale_D, (x_NxD, r_Nx1, scale_D)
+
+def _rms_bwd(eps, res, g_NxD):
+    x_NxD, r_Nx1, scale_D = res
+    xhat_NxD, gs_NxD = x_NxD * r_Nx1, g_NxD * scale_D
+    g_scale_1xD = jnp.ones((1, x_NxD.shape[0]), x_NxD.dtype) @ (g_NxD * xhat_NxD)  # the sum over rows, as a product
+    return r_Nx1 * (gs_NxD - xhat_NxD * _row_mean(gs_NxD * xhat_NxD)), g_scale_1xD[0]
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x_NxD, # rows to normalise [N, D] (float32)
+             scale_D, # per-feature scale [D] (float32)
+             eps: float, # added to the mean square
+            ):
+    "x / rms(x) * scale over the last axis, with a hand-written backward whose sums over rows and columns are matrix-vector products: 7x faster than XLA's reductions on CPU (RMSNorm's backward of a [1792, 384] batch: 0.7 ms against 4.9)."
+    return _rms_fwd(x_NxD, scale_D, eps)[0]
+rms_norm.defvjp(_rms_fwd, _rms_bwd)
+
 class RMSNorm(nnx.Module):
     "x / rms(x) * scale over the last axis, computed in float32."
     def __init__(self, D: int, # width of the normalised axis
@@ -112,20 +136,27 @@ class RMSNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x_NxD):
-        x_NxD = x_NxD.astype(jnp.float32)
-        y_NxD = x_NxD * jax.lax.rsqrt(jnp.mean(jnp.square(x_NxD), axis=-1, keepdims=True) + self.eps)
-        return (y_NxD * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        shape = x_NxD.shape
+        y_NxD = rms_norm(x_NxD.reshape(-1, shape[-1]).astype(jnp.float32), self.scale[...].astype(jnp.float32), self.eps)
+        return y_NxD.reshape(shape).astype(self.dtype)
 
 # %% ../nbs/05_model.ipynb #183baf5a
+def rope_angles(positions_BxT, # position of each token (restarting at 0 for every patient)
+                Dh: int, # head width (even)
+                theta: float = 10000.0, # base wavelength
+               ) -> tuple[jax.Array, jax.Array]:
+    "cos and sin [B, T, 1, Dh/2] of `rope`'s angles position * theta^(-2i/Dh): computed once per forward for every layer and head (left to itself, XLA recomputes them inside each head's rotation)."
+    inv_freq_R = theta ** (-jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)
+    angle_BxTx1xR = (positions_BxT.astype(jnp.float32)[..., None] * inv_freq_R)[:, :, None, :]
+    return jax.lax.optimization_barrier((jnp.cos(angle_BxTx1xR), jnp.sin(angle_BxTx1xR)))
+
 def rope(x_BxTxNxDh, # queries or keys, N heads of width Dh (even)
-         positions_BxT, # position of each token (restarting at 0 for every patient)
+         positions_BxT, # position of each token (restarting at 0 for every patient), or their `rope_angles`
          theta: float = 10000.0, # base wavelength
         ):
     "Rotate each channel pair (i, i + Dh/2) by the angle position * theta^(-2i/Dh)."
     Dh = x_BxTxNxDh.shape[-1]
-    inv_freq_R = theta ** (-jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)
-    angle_BxTx1xR = (positions_BxT.astype(jnp.float32)[..., None] * inv_freq_R)[:, :, None, :]
-    cos, sin = jnp.cos(angle_BxTx1xR), jnp.sin(angle_BxTx1xR)
+    cos, sin = positions_BxT if isinstance(positions_BxT, tuple) else rope_angles(positions_BxT, Dh, theta)
     x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxDh.dtype)
 
@@ -169,7 +200,9 @@ def gqa(q_BxTxHxDh, # queries (already rotated)
     q_BxKxMxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
     k_BxKxSxDh, v_BxKxSxDh = k_BxSxKxDh.transpose(0, 2, 1, 3), v_BxSxKxDh.transpose(0, 2, 1, 3)
     s_BxKxMxS = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxDh, k_BxKxSxDh, preferred_element_type=jnp.float32) / math.sqrt(Dh)
-    s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxMxS.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
+    # masked by adding -1e30 (exp gives exactly 0), not by jnp.where: differentiated, a where fills a buffer of zeros
+    # the size of the scores in every forward pass for its backward
+    s_BxKxGxTxS = s_BxKxMxS.reshape(B, K, G, T, S) + jnp.where(mask_BxTxS, 0.0, -1e30)[:, None, None]
     p_BxKxGxTxS = _dropout(jax.nn.softmax(s_BxKxGxTxS, axis=-1), dropout, key)
     o_BxKxMxDh = jnp.einsum("bkms,bksd->bkmd", p_BxKxGxTxS.reshape(B, K, G * T, S).astype(v_BxSxKxDh.dtype), v_BxKxSxDh)
     return o_BxKxMxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
@@ -457,8 +490,9 @@ class Decoder(nnx.Module):
         return _dropout(h_BxTxD, self.cfg.dropout, key)
 
     def forward(self, h_BxTxD, positions_BxT, mask, cache=None, key=None, unpad=None):
-        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `mask` as in `Attention` (with a cache: the masks over its slots and over the new keys), `cache` = (keys, values) of `KVCache`; `unpad` as in `Attention`."
+        "Embeddings through the layers -> logits [B, T, V] and the layers' new keys and values ([L, B, T, K, Dh], or None); `positions` [B, T] or their `rope_angles`; `mask` as in `Attention` (with a cache: the masks over its slots and over the new keys), `cache` = (keys, values) of `KVCache`; `unpad` as in `Attention`."
         c = self.cfg
+        if not isinstance(positions_BxT, tuple): positions_BxT = rope_angles(positions_BxT, c.Dh, c.rope_theta)  # once for all layers
         def layer(h_BxTxD, block, i):
             h_BxTxD, kv = block(h_BxTxD, positions_BxT, mask, None if cache is None else (*cache, i), layer_key(key, i), unpad)
             return h_BxTxD, (kv if cache is not None else None)
@@ -477,7 +511,7 @@ class Decoder(nnx.Module):
         return dense2d(self.embed.attend if self.head is None else self.head, self.norm(h_BxTxD)).astype(jnp.float32)
 
     def inputs(self, tokens_BxT, positions_BxT=None, segments_BxT=None, key=None, unpad=None):
-        "What the layers take for packed rows -> (tokens and positions, as [1, N] when `unpad` is given; attention mask [B, T, T]; embedding dropout key; the layers' dropout key, see `layer_key`)."
+        "What the layers take for packed rows -> (tokens [B, T], or [1, N] when `unpad` is given; their positions' `rope_angles`; attention mask [B, T, T]; embedding dropout key; the layers' dropout key, see `layer_key`)."
         B, T = tokens_BxT.shape
         if T > self.cfg.T: raise ValueError(f"Decoder: {T} tokens per row exceed the context length T={self.cfg.T}")
         if positions_BxT is None: positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -486,7 +520,8 @@ class Decoder(nnx.Module):
         key_e, key_l = (None, None) if key is None else jax.random.split(key)
         if unpad is not None:  # the position-wise layers see the N computed tokens only, as one row
             tokens_BxT, positions_BxT = (a.reshape(-1)[unpad[0]][None] for a in (tokens_BxT, positions_BxT))
-        return tokens_BxT, positions_BxT, attention_mask(segments_BxT, segments_BxT, slots_T, slots_T), key_e, key_l
+        return (tokens_BxT, rope_angles(positions_BxT, self.cfg.Dh, self.cfg.rope_theta), attention_mask(segments_BxT, segments_BxT, slots_T, slots_T),
+                key_e, key_l)
 
     def __call__(self, tokens_BxT, # token ids
                  positions_BxT=None, # positions, restarting at 0 per patient (default 0..T-1)
@@ -495,8 +530,8 @@ class Decoder(nnx.Module):
                  unpad=None, # (index [N], slot [B, T]) of `unpad_batch`: logits of those N tokens only, [1, N, V]
                 ):
         "Next-token logits [B, T, V] (float32) for packed rows."
-        tokens_BxT, positions_BxT, mask_BxTxT, key_e, key_l = self.inputs(tokens_BxT, positions_BxT, segments_BxT, key, unpad)
-        logits_BxTxV, _ = self.forward(self.embed_tokens(tokens_BxT, key_e), positions_BxT, mask_BxTxT, key=key_l, unpad=unpad)
+        tokens_BxT, angles, mask_BxTxT, key_e, key_l = self.inputs(tokens_BxT, positions_BxT, segments_BxT, key, unpad)
+        logits_BxTxV, _ = self.forward(self.embed_tokens(tokens_BxT, key_e), angles, mask_BxTxT, key=key_l, unpad=unpad)
         return logits_BxTxV
 
     def param_counts(self) -> dict:

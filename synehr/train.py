@@ -162,7 +162,7 @@ def make_split_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0], the l
                           tx: optax.GradientTransformation, # the optimiser, without the learning rate (`make_optimizer`)
                          ):
     "`make_train_step`'s step, same contract and result, as 2L + 4 jitted calls: the embedding, each layer and the head + loss forward, each returning its VJP; the VJPs backward; the update (params and opt_state donated)."
-    layer_def = {}  # one layer's graph, read from the model at the first call
+    mem = {}  # one layer's graph, read from the model at the first call; the layers' gradient buffer, reused every step
 
     def outer_layers(params):  # the stacked layers' parameters apart from the rest, as plain dicts of Params
         raw = params.raw_mapping
@@ -171,16 +171,16 @@ def make_split_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0], the l
     def model_of(outer, layers, rest): return nnx.merge(graphdef, nnx.State({**outer, "layers": layers}), rest)
 
     @jax.jit
-    def embed(outer, layers, rest, batch, key):  # -> embeddings and their VJP, the layers' positions, mask, parameters and keys
+    def embed(outer, layers, rest, batch, key):  # -> embeddings and their VJP, the layers' RoPE angles, mask, parameters and keys
         m = model_of(outer, layers, rest)
-        tokens, positions, mask, key_e, key_l = m.inputs(batch["tokens"], batch["positions"], batch["segment_ids"], key, batch_unpad(batch))
+        tokens, angles, mask, key_e, key_l = m.inputs(batch["tokens"], batch["positions"], batch["segment_ids"], key, batch_unpad(batch))
         h, f = jax.vjp(lambda o: model_of(o, layers, rest).embed_tokens(tokens, key_e), outer)
         L = jax.tree.leaves(layers)[0].shape[0]
-        return h, f, positions, mask, [jax.tree.map(lambda x: x[i], layers) for i in range(L)], [layer_key(key_l, i) for i in range(L)]
+        return h, f, angles, mask, [jax.tree.map(lambda x: x[i], layers) for i in range(L)], [layer_key(key_l, i) for i in range(L)]
 
     @jax.jit
-    def layer(lp, h, positions, mask, key, unpad):  # -> the layer's output and its VJP (its residuals as output buffers)
-        return jax.vjp(lambda lp, h: nnx.merge(layer_def["graph"], nnx.State(lp))(h, positions, mask, None, key, unpad)[0], lp, h)
+    def layer(lp, h, angles, mask, key, unpad):  # -> the layer's output and its VJP (its residuals as output buffers)
+        return jax.vjp(lambda lp, h: nnx.merge(mem["graph"], nnx.State(lp))(h, angles, mask, None, key, unpad)[0], lp, h)
 
     @jax.jit
     def head(outer, layers, rest, h, batch):  # -> metrics, and the gradients of the loss w.r.t. the outer parameters and h
@@ -190,27 +190,34 @@ def make_split_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0], the l
 
     back = jax.jit(lambda vjp, g: vjp(g))
 
+    @functools.partial(jax.jit, donate_argnums=2)
+    def layer_back(vjp, g, g_layers, i):  # -> the gradient w.r.t. the layer's input; its parameters' gradient written into slot i of g_layers, in place
+        g_lp, g = vjp(g)
+        return g, jax.tree.map(lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0), g_layers, g_lp)
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def update(params, opt_state, g_head, g_embed, g_layers, lr):
-        grads = nnx.State({**jax.tree.map(jnp.add, g_head, g_embed), "layers": jax.tree.map(lambda *g: jnp.stack(g), *g_layers)})
+        grads = nnx.State({**jax.tree.map(jnp.add, g_head, g_embed), "layers": g_layers})
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), params, updates)
         return params, opt_state, optax.tree.norm(grads)
 
     def step(params, opt_state, rest, batch, key, lr):
         outer, layers = outer_layers(params)
-        if "graph" not in layer_def: layer_def["graph"] = nnx.graphdef(model_of(outer, layers, rest).layers)
+        if "graph" not in mem: mem["graph"] = nnx.graphdef(model_of(outer, layers, rest).layers)
+        g_layers = mem.pop("grads", None)
+        if g_layers is None or jax.tree.structure(g_layers) != jax.tree.structure(layers): g_layers = jax.tree.map(jnp.zeros_like, layers)
         unpad = batch_unpad(batch)
-        h, f_embed, positions, mask, per_layer, keys = embed(outer, layers, rest, batch, key)
+        h, f_embed, angles, mask, per_layer, keys = embed(outer, layers, rest, batch, key)
         vjps = []
         for lp, k in zip(per_layer, keys):
-            h, f = layer(lp, h, positions, mask, k, unpad); vjps.append(f)
+            h, f = layer(lp, h, angles, mask, k, unpad); vjps.append(f)
         aux, (g_outer, g_h) = head(outer, layers, rest, h, batch)
-        g_layers = [None] * len(vjps)
         for i in reversed(range(len(vjps))):
-            (g_layers[i], g_h), vjps[i] = back(vjps[i], g_h), None  # each layer's residuals freed once used
+            (g_h, g_layers), vjps[i] = layer_back(vjps[i], g_h, g_layers, np.int32(i)), None  # each layer's residuals freed once used
         (g_embed,) = back(f_embed, g_h)
         params, opt_state, grad_norm = update(params, opt_state, g_outer, g_embed, g_layers, lr)
+        mem["grads"] = g_layers
         return params, opt_state, {**aux, "grad_norm": grad_norm}
     return step
 
