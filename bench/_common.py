@@ -28,8 +28,12 @@ def machine() -> str:
 
 
 def commit() -> str:
+    "The short HEAD commit, with '+dirty' when tracked files other than the benchmarks' own outputs differ from it."
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!bench/README.md", ":!bench/results"],
+                               cwd=BENCH.parent, capture_output=True).returncode == 1
+        return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
 
