@@ -20,11 +20,10 @@ from .core import ConfigError, check_field_types, strict_from_dict
 
 # %% auto #0
 __all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'rms_norm', 'RMSNorm', 'rope_angles', 'rope', 'attention_mask', 'gqa',
-           'write_slots', 'write_kv', 'gqa_cached', 'gqa_decode', 'take_rows', 'matmuls', 'matmul', 'dense2d_many',
-           'dense2d', 'query_blocks', 'Attention', 'swiglu', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion',
-           'layer_key', 'Decoder', 'count_params', 'unpad_batch', 'next_token_loss', 'batch_unpad', 'loss_targets',
-           'token_loss', 'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch',
-           'replicate']
+           'write_slots', 'write_kv', 'gqa_cached', 'gqa_decode', 'take_rows', 'matmuls', 'dense2d_many', 'dense2d',
+           'query_blocks', 'Attention', 'swiglu', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion', 'layer_key',
+           'Decoder', 'count_params', 'unpad_batch', 'next_token_loss', 'batch_unpad', 'loss_targets', 'token_loss',
+           'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -354,31 +353,20 @@ def _matmuls_bwd(res, gs):
 
 matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
 
-def matmul(x_NxI, w_IxO):
-    "x @ w, differentiated as `matmuls` does."
-    return matmuls(x_NxI, (w_IxO,))[0]
-
-def dense2d_many(fs: tuple, # nnx.Linear maps without bias (or any functions of [N, D]) of the same input
+def dense2d_many(fs: tuple, # maps of the same input: nnx.Linear without bias, or any functions of [N, D]
                  x_Nx_xD):
-    "`dense2d` of several maps of one input: on CPU through `matmuls`, so the backward pass transposes the input once for all of them (q, k and v; gate and up)."
-    if not (jax.default_backend() == "cpu" and all(isinstance(f, nnx.Linear) and f.bias is None for f in fs)):
-        return tuple(dense2d(f, x_Nx_xD) for f in fs)
+    "Linear maps `fs` over the last axis of one input, applied to it flattened to 2D: plain GEMMs forward and backward (XLA's CPU backward is much slower when the weight gradient contracts over batch and time as two axes); on CPU through `matmuls`, so the backward pass transposes the input once for all of them (q, k and v; gate and up)."
     x_NxD = x_Nx_xD.reshape(-1, x_Nx_xD.shape[-1])
-    dts = {f.dtype or x_NxD.dtype for f in fs}
-    if len(dts) != 1: return tuple(dense2d(f, x_Nx_xD) for f in fs)
-    dt = dts.pop()
-    ys = matmuls(x_NxD.astype(dt), tuple(f.kernel[...].astype(dt) for f in fs))
+    dt = getattr(fs[0], "dtype", None) or x_NxD.dtype
+    if jax.default_backend() == "cpu" and all(isinstance(f, nnx.Linear) and f.bias is None and (f.dtype or x_NxD.dtype) == dt for f in fs):
+        ys = matmuls(x_NxD.astype(dt), tuple(f.kernel[...].astype(dt) for f in fs))
+    else: ys = tuple(f(x_NxD) for f in fs)
     return tuple(y_NxO.reshape(*x_Nx_xD.shape[:-1], -1) for y_NxO in ys)
 
 def dense2d(f, # an nnx.Linear without bias, or any function of [N, D]
             x_Nx_xD):
-    "A linear map `f` over the last axis, applied to x flattened to 2D: one plain GEMM forward and backward (XLA's CPU backward is much slower when the weight gradient contracts over batch and time as two axes); on CPU through `matmul`."
-    x_NxD = x_Nx_xD.reshape(-1, x_Nx_xD.shape[-1])
-    if isinstance(f, nnx.Linear) and f.bias is None and jax.default_backend() == "cpu":
-        dt = f.dtype or x_NxD.dtype
-        y_NxO = matmul(x_NxD.astype(dt), f.kernel[...].astype(dt))
-    else: y_NxO = f(x_NxD)
-    return y_NxO.reshape(*x_Nx_xD.shape[:-1], -1)
+    "`dense2d_many` of one map."
+    return dense2d_many((f,), x_Nx_xD)[0]
 
 def _dense(cfg: ModelConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),

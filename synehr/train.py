@@ -23,8 +23,8 @@ import polars as pl
 from flax import nnx
 
 from .core import ConfigError, RunConfig, RunDir, atomic_path, check_field_types, get_logger, make_key, strict_from_dict, write_json, write_text
-from .model import (Decoder, Knowledge, ModelConfig, batch_unpad, data_mesh, layer_key, loss_targets, next_token_loss, replicate,
-                          shard_batch, token_loss, unpad_batch)
+from .model import (Decoder, Knowledge, ModelConfig, batch_unpad, data_mesh, layer_key, loss_targets, next_token_loss,
+                          replicate, shard_batch, token_loss, unpad_batch)
 from .tokenizer import PAD, Vocab, make_batches, read_tokens
 
 # %% auto #0
@@ -158,6 +158,7 @@ def make_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0]
         return params, opt_state, {**aux, "grad_norm": optax.tree.norm(grads)}
     return jax.jit(step, donate_argnums=(0, 1))
 
+# %% ../nbs/06_train.ipynb #5b1e7c2a
 def make_split_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0], the layers unrolled (not cfg.scan_layers)
                           tx: optax.GradientTransformation, # the optimiser, without the learning rate (`make_optimizer`)
                          ):
@@ -206,7 +207,7 @@ def make_split_train_step(graphdef, # nnx.split(model, nnx.Param, ...)[0], the l
         outer, layers = outer_layers(params)
         if "graph" not in mem: mem["graph"] = nnx.graphdef(model_of(outer, layers, rest).layers)
         g_layers = mem.pop("grads", None)
-        if g_layers is None or jax.tree.structure(g_layers) != jax.tree.structure(layers): g_layers = jax.tree.map(jnp.zeros_like, layers)
+        if g_layers is None: g_layers = jax.tree.map(jnp.zeros_like, layers)
         unpad = batch_unpad(batch)
         h, f_embed, angles, mask, per_layer, keys = embed(outer, layers, rest, batch, key)
         vjps = []
