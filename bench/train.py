@@ -56,7 +56,13 @@ matmul_peak, decoder_flops = _common.matmul_peak, _common.decoder_flops
 
 import numpy as np  # noqa: E402
 
-LR = 3e-4
+LR, B1, B2, DECAY, CLIP = 3e-4, 0.9, 0.95, 0.1, 1.0  # both sides' optimiser: AdamW (lr, b1, b2, decay), global-norm clipping
+
+
+def optimizer():
+    "Our optimiser with the benchmark's settings (the PyTorch side's AdamW and clipping take the same)."
+    from synehr.train import TrainConfig, make_optimizer
+    return make_optimizer(TrainConfig(clip=CLIP, b1=B1, b2=B2, weight_decay=DECAY))
 
 
 def make_data(batch: int, context: int, n_batches: int, seed: int = 0) -> tuple[int, dict]:
@@ -86,10 +92,10 @@ def ours(cfg, seed: int = 0):
     from flax import nnx
     from synehr.core import make_key
     from synehr.model import Decoder, unpad_batch
-    from synehr.train import TrainConfig, make_optimizer, make_split_train_step, make_train_step, use_split_step
+    from synehr.train import make_split_train_step, make_train_step, use_split_step
     model = Decoder(cfg, rngs=nnx.Rngs(make_key(seed, "model")))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(TrainConfig(clip=1.0, b1=0.9, b2=0.95, weight_decay=0.1))
+    tx = optimizer()
     split = use_split_step(cfg, 1)
     step = (make_split_train_step if split else make_train_step)(graphdef, tx)
     state = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
@@ -114,7 +120,7 @@ def torch_side(model, threads=None):
     import torch
     ref = _load("_llama_ref").torch_llama(model, threads)
     ref.train()
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=(B1, B2), weight_decay=DECAY)
 
     def run(batch):
         t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
@@ -125,7 +131,7 @@ def torch_side(model, threads=None):
         loss = (ce * w.reshape(-1)).sum() / w.sum().clamp(min=1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
         opt.step()
         return loss.detach()
 

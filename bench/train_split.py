@@ -52,9 +52,9 @@ def steps(cfg, seed: int = 0) -> dict:
     from flax import nnx
     from synehr.core import make_key
     from synehr.model import Decoder
-    from synehr.train import TrainConfig, make_optimizer, make_split_train_step, make_train_step
+    from synehr.train import make_split_train_step, make_train_step
     graphdef, params, rest = nnx.split(Decoder(cfg, rngs=nnx.Rngs(make_key(seed, "model"))), nnx.Param, ...)
-    tx = make_optimizer(TrainConfig(clip=1.0, b1=0.9, b2=0.95, weight_decay=0.1))
+    tx = _train.optimizer()
     return {name: (make(graphdef, tx), [jax.tree.map(jnp.copy, params), tx.init(params)])
             for name, make in (("fused", make_train_step), ("split", make_split_train_step))}, rest
 
