@@ -39,6 +39,7 @@ setuptools.setup(
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=["synehr", "synehr.*"]),
     include_package_data=True,
+    package_data={"synehr": ["csrc/*.cc"]},  # the CPU kernels' source, compiled on first use (synehr.model.cpu_kernels)
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     entry_points={"console_scripts": scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},

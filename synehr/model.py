@@ -5,10 +5,17 @@
 # %% ../nbs/05_model.ipynb #52308781
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import hashlib
+import importlib.resources
 import math
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +23,15 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .core import ConfigError, check_field_types, strict_from_dict
+from .core import ConfigError, atomic_path, check_field_types, get_logger, strict_from_dict
 
 # %% auto #0
 __all__ = ['SLOT_BLOCK', 'BATCH_KEYS', 'ModelConfig', 'rms_norm', 'RMSNorm', 'rope_angles', 'rope', 'attention_mask', 'gqa',
-           'write_slots', 'write_kv', 'gqa_cached', 'gqa_decode', 'take_rows', 'matmuls', 'dense2d_many', 'dense2d',
-           'query_blocks', 'Attention', 'swiglu', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion', 'layer_key',
-           'Decoder', 'count_params', 'unpad_batch', 'next_token_loss', 'batch_unpad', 'loss_targets', 'token_loss',
-           'KVCache', 'init_cache', 'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
+           'kernel_cache_dir', 'cpu_kernels', 'transpose2d', 'segment_attention', 'write_slots', 'write_kv',
+           'gqa_cached', 'gqa_decode', 'take_rows', 'matmuls', 'dense2d_many', 'dense2d', 'query_blocks', 'Attention',
+           'swiglu', 'MLP', 'Block', 'Knowledge', 'KnowledgeFusion', 'layer_key', 'Decoder', 'count_params',
+           'unpad_batch', 'next_token_loss', 'batch_unpad', 'loss_targets', 'token_loss', 'KVCache', 'init_cache',
+           'extend', 'prefill', 'decode_step', 'data_mesh', 'shard_batch', 'replicate']
 
 # %% ../nbs/05_model.ipynb #5c6454b0
 _DTYPES = ("float32", "bfloat16")
@@ -207,6 +215,72 @@ def gqa(q_BxTxHxDh, # queries (already rotated)
     o_BxKxMxDh = jnp.einsum("bkms,bksd->bkmd", p_BxKxGxTxS.reshape(B, K, G * T, S).astype(v_BxSxKxDh.dtype), v_BxKxSxDh)
     return o_BxKxMxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
+# %% ../nbs/05_model.ipynb #9bbbfc4c
+_KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-fPIC", "-shared")
+
+def kernel_cache_dir() -> Path:
+    "Where compiled kernels are kept: $SYNEHR_CACHE_DIR, else $XDG_CACHE_HOME/synehr, else ~/.cache/synehr."
+    if os.environ.get("SYNEHR_CACHE_DIR"): return Path(os.environ["SYNEHR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synehr"
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernels() -> bool:
+    "Whether our C++ kernels (`segment_attention`, `swiglu`) can run: built on the first call (cached on disk), loaded and registered with XLA, on a CPU with AVX2 and FMA; False with SYNEHR_CPU_KERNELS=0."
+    if os.environ.get("SYNEHR_CPU_KERNELS", "1") == "0": return False
+    log = get_logger("synehr.model")
+    cxx = shutil.which(os.environ.get("CXX") or "g++")
+    if cxx is None:
+        log.info("no C++ compiler (CXX or g++): attention and SwiGLU run as XLA computes them"); return False
+    src = importlib.resources.files("synehr") / "csrc" / "kernels.cc"
+    tag = hashlib.sha256(b"\0".join([src.read_bytes(), jax.lib.__version__.encode(), cxx.encode(), *(f.encode() for f in _KERNEL_FLAGS)])).hexdigest()[:16]
+    so = kernel_cache_dir() / f"kernels-{tag}.so"
+    try:
+        if not so.exists():
+            with importlib.resources.as_file(src) as src_path, atomic_path(so) as tmp:
+                subprocess.run([cxx, *_KERNEL_FLAGS, "-I", jax.ffi.include_dir(), str(src_path), "-o", str(tmp)],
+                               check=True, capture_output=True, text=True, timeout=600)
+        lib = ctypes.CDLL(str(so))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        log.warning("could not build the CPU kernels (%s); attention and SwiGLU run as XLA computes them: %s", so, str(detail)[-2000:])
+        return False
+    if not lib.synehr_cpu_ok():
+        log.info("this CPU lacks AVX2 or FMA: attention and SwiGLU run as XLA computes them"); return False
+    for name in ("attention_fwd", "attention_bwd", "swiglu_fwd", "swiglu_bwd", "transpose"):
+        jax.ffi.register_ffi_target(f"synehr_{name}", jax.ffi.pycapsule(getattr(lib, f"synehr_{name}")), platform="cpu")
+    return True
+
+def _on_kernels(*xs) -> bool:
+    "Whether these arrays go through our CPU kernels: all float32, on the CPU backend with one device (XLA cannot split a kernel's work over several), the kernels built."
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and all(x.dtype == jnp.float32 for x in xs) and cpu_kernels()
+
+def transpose2d(x_RxC):
+    "x.T as a new array [C, R], by our kernel for a float32 matrix on CPU (XLA's CPU transposes of a training step's sizes are 2-3x slower), else by XLA (kept from being folded into its consumer)."
+    if x_RxC.ndim == 2 and _on_kernels(x_RxC):
+        return jax.ffi.ffi_call("synehr_transpose", jax.ShapeDtypeStruct(x_RxC.shape[::-1], jnp.float32), vmap_method="sequential")(x_RxC)
+    return jax.lax.optimization_barrier(x_RxC.T)
+
+def _segment_attention_fwd(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N):
+    N, H, _ = q_NxHxDh.shape
+    o_NxHxDh, lse_NxH = jax.ffi.ffi_call("synehr_attention_fwd", (jax.ShapeDtypeStruct(q_NxHxDh.shape, jnp.float32), jax.ShapeDtypeStruct((N, H), jnp.float32)),
+                                         vmap_method="sequential")(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N)
+    return o_NxHxDh, (q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, o_NxHxDh, lse_NxH)
+
+def _segment_attention_bwd(res, do_NxHxDh):
+    q, k, v = res[:3]
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+    return (*jax.ffi.ffi_call("synehr_attention_bwd", shapes, vmap_method="sequential")(*res, do_NxHxDh), None)
+
+@jax.custom_vjp
+def segment_attention(q_NxHxDh, # queries of the N packed tokens (already rotated), float32
+                      k_NxKxDh, # keys (already rotated), K divides H
+                      v_NxKxDh, # values
+                      start_N, # int32: token i attends to keys start[i] .. i (its segment's first token on); start[i] > i: padding (output 0)
+                     ):
+    "Causal grouped-query attention of packed segments in one flat sequence, by our CPU kernel (`cpu_kernels()` must be True)."
+    return _segment_attention_fwd(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N)[0]
+segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
+
 # %% ../nbs/05_model.ipynb #0959e3a3
 def write_slots(buf_BxSx_, # a per-row buffer of S slots (keys, values or segment ids)
                 new_BxTx_, # T new entries per row
@@ -347,8 +421,8 @@ def _matmuls_fwd(x_NxI, ws): return matmuls(x_NxI, ws), (x_NxI, ws)
 def _matmuls_bwd(res, gs):
     x_NxI, ws = res
     # left to itself, XLA contracts x and g over their first axes: a GEMM its CPU backend gives to Eigen, not YNNPACK,
-    # at about half the speed; the barrier keeps it from folding the transpose back into the product
-    xt_IxN = jax.lax.optimization_barrier(x_NxI.T)
+    # at about half the speed; an explicit copy of x^T (`transpose2d`) keeps the products plain
+    xt_IxN = transpose2d(x_NxI)
     return sum(g_NxO @ w_IxO.T for g_NxO, w_IxO in zip(gs, ws)), tuple(xt_IxN @ g_NxO for g_NxO in gs)
 
 matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
@@ -387,7 +461,7 @@ class Attention(nnx.Module):
                  mask, # [B, T, T] without a cache; with one, (mask over its slots [B, T, S], mask over the new keys [B, T, T])
                  cache=None, # (keys [L, B, K, Dh, S], values [L, B, K, S, Dh], this layer's index) of the whole cache, or None
                  key=None,
-                 unpad=None, # (index [N], slot [B', T']) of `unpad_batch`: x holds only the N computed tokens, as [1, N, D]
+                 unpad=None, # (index [N], slot [B', T'], start [N] or None) of `unpad_batch`: x holds only the N computed tokens, as [1, N, D]
                 ):
         c = self.cfg
         B, T, _ = x_BxTxD.shape
@@ -395,8 +469,11 @@ class Attention(nnx.Module):
         q_BxTxHxDh = rope(q_BxTxHD.reshape(B, T, c.H, c.Dh), positions_BxT, c.rope_theta)
         k_BxTxKxDh = rope(k_BxTxKD.reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
         v_BxTxKxDh = v_BxTxKD.reshape(B, T, c.K, c.Dh)
-        if unpad is not None:  # attention on the rows' own layout [B', T'], its output back to the computed tokens
-            index_N, slot_BxT = unpad
+        if unpad is not None and unpad[2] is not None and (key is None or c.dropout == 0) and _on_kernels(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh):
+            # our kernel, over the computed tokens as they lie (it has no attention dropout)
+            o_BxTxHxDh = segment_attention(q_BxTxHxDh[0], k_BxTxKxDh[0], v_BxTxKxDh[0], unpad[2])[None]
+        elif unpad is not None:  # attention on the rows' own layout [B', T'], its output back to the computed tokens
+            index_N, slot_BxT, _ = unpad
             Bp, Tp = slot_BxT.shape
             slot_R = slot_BxT.reshape(-1)
             # the padding slots left out (slot N) read zeros; backward, each computed token takes its own slot's gradient
@@ -413,17 +490,26 @@ class Attention(nnx.Module):
 # %% ../nbs/05_model.ipynb #da292561
 @jax.custom_vjp
 def swiglu(g, # the gate projection
-           u, # the up projection
+           u, # the up projection (the same shape)
           ):
-    "silu(g) * u, whose backward keeps only g and u and recomputes the sigmoid (autodiff keeps three more arrays of that size per layer: a training step 1.025x faster in paired windows)."
-    return jax.nn.silu(g) * u
+    "silu(g) * u, whose backward keeps only g and u and recomputes the sigmoid (autodiff keeps three more arrays of that size per layer: a training step 1.025x faster in paired windows); on CPU in float32 both passes run our kernel (`cpu_kernels`)."
+    if g.shape == u.shape and _on_kernels(g, u):
+        return jax.ffi.ffi_call("synehr_swiglu_fwd", jax.ShapeDtypeStruct(g.shape, jnp.float32), vmap_method="sequential")(g, u)
+    return _swiglu_xla(g, u)
+
+def _swiglu_xla(g, u): return jax.nn.silu(g) * u
 
 def _swiglu_fwd(g, u): return swiglu(g, u), (g, u)
 
-def _swiglu_bwd(res, dy):
-    g, u = res
+def _swiglu_bwd_xla(g, u, dy):
     s = jax.nn.sigmoid(g)
     return dy * u * (s * (1 + g * (1 - s))), dy * g * s
+
+def _swiglu_bwd(res, dy):
+    g, u = res
+    if g.shape == u.shape == dy.shape and _on_kernels(g, u, dy):
+        return tuple(jax.ffi.ffi_call("synehr_swiglu_bwd", (jax.ShapeDtypeStruct(g.shape, jnp.float32),) * 2, vmap_method="sequential")(g, u, dy))
+    return _swiglu_bwd_xla(g, u, dy)
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
@@ -550,7 +636,7 @@ class Decoder(nnx.Module):
                  positions_BxT=None, # positions, restarting at 0 per patient (default 0..T-1)
                  segments_BxT=None, # segment ids: one per patient chunk, 0 = padding (default all 1)
                  *, key=None, # PRNG key: dropout on when given (training)
-                 unpad=None, # (index [N], slot [B, T]) of `unpad_batch`: logits of those N tokens only, [1, N, V]
+                 unpad=None, # (index [N], slot [B, T], start [N] or None) of `unpad_batch`: logits of those N tokens only, [1, N, V]
                 ):
         "Next-token logits [B, T, V] (float32) for packed rows."
         tokens_BxT, angles, mask_BxTxT, key_e, key_l = self.inputs(tokens_BxT, positions_BxT, segments_BxT, key, unpad)
@@ -583,7 +669,7 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 def unpad_batch(batch: dict, # a host (NumPy) batch of `make_batches`: [B, T] arrays
                 quantum: int | None = None, # the computed-token count is rounded up to a multiple of this (one compiled shape per multiple); default T // 2
                ) -> dict:
-    "`batch` with 'unpad_index' [N] (the flat slot of each real token, then padding slots up to the rounded count N) and 'unpad_slot' [B, T] (each slot's place among those N; N for a padding slot left out)."
+    "`batch` with 'unpad_index' [N] (the flat slot of each real token, then padding slots up to the rounded count N), 'unpad_slot' [B, T] (each slot's place among those N; N for a padding slot left out) and, when each row's segments are runs (as `make_batches` packs them), 'unpad_start' [N] (the place of each token's segment's first token; n + 1 for padding), for `segment_attention`."
     seg = np.asarray(batch["segment_ids"])
     B, T = seg.shape
     real_R = seg.reshape(-1) > 0
@@ -593,7 +679,12 @@ def unpad_batch(batch: dict, # a host (NumPy) batch of `make_batches`: [B, T] ar
     index = np.concatenate([idx, pad[:N - len(idx)]]).astype(np.int32)
     slot = np.full(B * T, N, np.int32)
     slot[index] = np.arange(N, dtype=np.int32)
-    return {**batch, "unpad_index": index, "unpad_slot": slot.reshape(B, T)}
+    out = {**batch, "unpad_index": index, "unpad_slot": slot.reshape(B, T)}
+    seg_N, row_N, n_N = seg.reshape(-1)[index], index // T, np.arange(N)
+    first_N = (seg_N > 0) & ((n_N == 0) | (seg_N != np.roll(seg_N, 1)) | (row_N != np.roll(row_N, 1)))
+    if first_N.sum() == len(np.unique(row_N[seg_N > 0].astype(np.int64) * (int(seg.max()) + 1) + seg_N[seg_N > 0])):  # no segment resumes after another
+        out["unpad_start"] = np.where(seg_N > 0, np.maximum.accumulate(np.where(first_N, n_N, 0)), n_N + 1).astype(np.int32)
+    return out
 
 def next_token_loss(model: Decoder, # the model
                     batch: dict, # tokens, targets, loss_mask, segment_ids, positions: [B, L] each
@@ -606,8 +697,8 @@ def next_token_loss(model: Decoder, # the model
     return token_loss(logits_BxTxV, *loss_targets(batch))
 
 def batch_unpad(batch: dict):
-    "The `unpad` argument of `Decoder` for a batch: (unpad_index, unpad_slot) of `unpad_batch`, or None for a padded batch."
-    return (batch["unpad_index"], batch["unpad_slot"]) if "unpad_index" in batch else None
+    "The `unpad` argument of `Decoder` for a batch: (unpad_index, unpad_slot, unpad_start or None) of `unpad_batch`, or None for a padded batch."
+    return (batch["unpad_index"], batch["unpad_slot"], batch.get("unpad_start")) if "unpad_index" in batch else None
 
 def loss_targets(batch: dict) -> tuple:
     "(targets, loss_mask) of the tokens the model computes: [B, T], or [1, N] for the real tokens only (`unpad_batch`)."
