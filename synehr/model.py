@@ -260,26 +260,32 @@ def transpose2d(x_RxC):
         return jax.ffi.ffi_call("synehr_transpose", jax.ShapeDtypeStruct(x_RxC.shape[::-1], jnp.float32), vmap_method="sequential")(x_RxC)
     return jax.lax.optimization_barrier(x_RxC.T)
 
-def _segment_attention_fwd(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N):
+def _segment_attention_fwd(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, seed_2, rate):
     N, H, _ = q_NxHxDh.shape
     o_NxHxDh, lse_NxH = jax.ffi.ffi_call("synehr_attention_fwd", (jax.ShapeDtypeStruct(q_NxHxDh.shape, jnp.float32), jax.ShapeDtypeStruct((N, H), jnp.float32)),
-                                         vmap_method="sequential")(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N)
-    return o_NxHxDh, (q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, o_NxHxDh, lse_NxH)
+                                         vmap_method="sequential")(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, seed_2, rate=np.float32(rate))
+    return o_NxHxDh, (q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, seed_2, o_NxHxDh, lse_NxH)
 
-def _segment_attention_bwd(res, do_NxHxDh):
-    q, k, v = res[:3]
-    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
-    return (*jax.ffi.ffi_call("synehr_attention_bwd", shapes, vmap_method="sequential")(*res, do_NxHxDh), None)
+def _segment_attention_bwd(rate, res, do_NxHxDh):
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in res[:3])
+    return (*jax.ffi.ffi_call("synehr_attention_bwd", shapes, vmap_method="sequential")(*res, do_NxHxDh, rate=np.float32(rate)), None, None)
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _segment_attention(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, seed_2, rate):
+    return _segment_attention_fwd(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, seed_2, rate)[0]
+_segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
+
 def segment_attention(q_NxHxDh, # queries of the N packed tokens (already rotated), float32
                       k_NxKxDh, # keys (already rotated), K divides H
                       v_NxKxDh, # values
                       start_N, # int32: token i attends to keys start[i] .. i (its segment's first token on); start[i] > i: padding (output 0)
+                      dropout: float = 0.0, # dropout rate on the attention weights
+                      key=None, # PRNG key for dropout; None = deterministic
                      ):
-    "Causal grouped-query attention of packed segments in one flat sequence, by our CPU kernel (`cpu_kernels()` must be True)."
-    return _segment_attention_fwd(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N)[0]
-segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
+    "Causal grouped-query attention of packed segments in one flat sequence, by our CPU kernel (`cpu_kernels()` must be True); dropout drops weight (i, h, j) by a hash of the key's 64 bits and i, h, j."
+    rate = float(dropout) if key is not None else 0.0
+    seed_2 = jax.random.bits(key, (2,), jnp.uint32) if rate > 0 else jnp.zeros((2,), jnp.uint32)
+    return _segment_attention(q_NxHxDh, k_NxKxDh, v_NxKxDh, start_N, seed_2, rate)
 
 # %% ../nbs/05_model.ipynb #0959e3a3
 def write_slots(buf_BxSx_, # a per-row buffer of S slots (keys, values or segment ids)
@@ -469,9 +475,9 @@ class Attention(nnx.Module):
         q_BxTxHxDh = rope(q_BxTxHD.reshape(B, T, c.H, c.Dh), positions_BxT, c.rope_theta)
         k_BxTxKxDh = rope(k_BxTxKD.reshape(B, T, c.K, c.Dh), positions_BxT, c.rope_theta)
         v_BxTxKxDh = v_BxTxKD.reshape(B, T, c.K, c.Dh)
-        if unpad is not None and unpad[2] is not None and (key is None or c.dropout == 0) and _on_kernels(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh):
-            # our kernel, over the computed tokens as they lie (it has no attention dropout)
-            o_BxTxHxDh = segment_attention(q_BxTxHxDh[0], k_BxTxKxDh[0], v_BxTxKxDh[0], unpad[2])[None]
+        if unpad is not None and unpad[2] is not None and _on_kernels(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh):
+            # our kernel, over the computed tokens as they lie
+            o_BxTxHxDh = segment_attention(q_BxTxHxDh[0], k_BxTxKxDh[0], v_BxTxKxDh[0], unpad[2], c.dropout, key)[None]
         elif unpad is not None:  # attention on the rows' own layout [B', T'], its output back to the computed tokens
             index_N, slot_BxT, _ = unpad
             Bp, Tp = slot_BxT.shape

@@ -129,6 +129,54 @@ float row_max(const float* row, int c) {
   return out;
 }
 
+// Attention dropout. Weight (query token i, query head h, key token j; flat indices) is kept when a hash of them
+// and the 64-bit seed is at or above rate * 2^32, and then scaled by 1 / (1 - rate): the same weights are dropped
+// in the forward and the backward pass, and however the tasks fall on the threads.
+struct Dropout {
+  uint32_t s0 = 0, s1 = 0, threshold = 0;
+  float scale = 1.0f;
+  bool on = false;
+};
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+  return x;
+}
+
+inline __m256i mix32v(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bU)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+// z[0:c] = the dropout factors (0 or 1 / (1 - rate)) of query token `tok`, head `head`, keys key0 .. key0 + c - 1;
+// z has room for c rounded up to 8.
+void keep_factors(const Dropout& dr, long tok, long head, long H, long key0, long c, float* z) {
+  const uint32_t row = mix32(static_cast<uint32_t>(tok * H + head) ^ dr.s0) ^ dr.s1;
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000U)), golden = _mm256_set1_epi32(static_cast<int>(0x9E3779B9U));
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(dr.threshold ^ 0x80000000U)), base = _mm256_set1_epi32(static_cast<int>(row));
+  const __m256 scale = _mm256_set1_ps(dr.scale);
+  __m256i j = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(key0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (long t = 0; t < c; t += 8, j = _mm256_add_epi32(j, _mm256_set1_epi32(8))) {
+    const __m256i h = mix32v(_mm256_add_epi32(base, _mm256_mullo_epi32(j, golden)));
+    const __m256i dropped = _mm256_cmpgt_epi32(thr, _mm256_xor_si256(h, flip));  // h < threshold, unsigned
+    _mm256_storeu_ps(z + t, _mm256_andnot_ps(_mm256_castsi256_ps(dropped), scale));
+  }
+}
+
+Dropout dropout_of(ffi::AnyBuffer seed, float rate) {
+  Dropout dr;
+  if (rate <= 0.0f) return dr;
+  const uint32_t* sd = seed.typed_data<uint32_t>();
+  dr.s0 = sd[0]; dr.s1 = sd[1];
+  dr.threshold = static_cast<uint32_t>(std::min(4294967295.0, static_cast<double>(rate) * 4294967296.0));
+  dr.scale = 1.0f / (1.0f - rate);
+  dr.on = true;
+  return dr;
+}
+
 struct Dims {
   long N, H, K, G, Dh, Dp;  // Dp: Dh rounded up to 16 (the width of every packed head)
   float scale;
@@ -206,10 +254,18 @@ ffi::Error check(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::An
   return ffi::Error::Success();
 }
 
+ffi::Error check_dropout(ffi::AnyBuffer seed, float rate) {
+  if (seed.element_type() != ffi::U32 || seed.element_count() != 2 || !(rate >= 0.0f && rate < 1.0f))
+    return ffi::Error::InvalidArgument("segment_attention: expected a uint32 seed [2] and a dropout rate in [0, 1)");
+  return ffi::Error::Success();
+}
+
 ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer start,
-                   ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse) {
+                   ffi::AnyBuffer seed, float rate, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse) {
   Dims d;
   if (auto e = check(q, k, v, start, &d); e.failure()) return e;
+  if (auto e = check_dropout(seed, rate); e.failure()) return e;
+  const Dropout dr = dropout_of(seed, rate);
   const float *Q = q.typed_data<float>(), *Kx = k.typed_data<float>(), *Vx = v.typed_data<float>();
   const int32_t* S0 = start.typed_data<int32_t>();
   float *O = o->typed_data<float>(), *LSE = lse->typed_data<float>();
@@ -227,9 +283,10 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     for (long kh = 0; kh < d.K; ++kh) tasks.push_back({s.s0, s.s1, kh});
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.s1 - x.s0 > y.s1 - y.s0; });  // longest first
   parallel_for(pool, tasks.size(), [&](long ti) {
-    static thread_local std::vector<float> buf;
+    static thread_local std::vector<float> buf, zbuf;
     const Task& t = tasks[ti];
     const long n = t.s1 - t.s0, np = round16(n), Mb = kQueryBlock * d.G;
+    float* z = scratch(zbuf, np);
     float* kt = scratch(buf, d.Dp * np + n * d.Dp + Mb * np + 2 * Mb * d.Dp);
     float *vp = kt + d.Dp * np, *s = vp + n * d.Dp, *qb = s + Mb * np, *ob = qb + Mb * d.Dp;
     pack_transposed(Kx, t.s0, t.s1, t.kh, d, np, kt);
@@ -244,6 +301,10 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
         const float mx = row_max(row, c), sum = exp_row(row, c, mp, mx), inv = 1.0f / sum;
         for (long j = 0; j < c; ++j) row[j] *= inv;
         LSE[tok * d.H + t.kh * d.G + r % d.G] = mx + std::log(sum);
+        if (dr.on) {
+          keep_factors(dr, tok, t.kh * d.G + r % d.G, d.H, t.s0, c, z);
+          for (long j = 0; j < c; ++j) row[j] *= z[j];
+        }
       }
       gemm(M, d.Dp, m, s, mp, 1, vp, d.Dp, ob, d.Dp, false);
       for (long r = 0; r < M; ++r) {
@@ -256,10 +317,12 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
 }
 
 ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer start,
-                    ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                    ffi::AnyBuffer seed, ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer dout, float rate,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv) {
   Dims d;
   if (auto e = check(q, k, v, start, &d); e.failure()) return e;
+  if (auto e = check_dropout(seed, rate); e.failure()) return e;
+  const Dropout dr = dropout_of(seed, rate);
   const float *Q = q.typed_data<float>(), *Kx = k.typed_data<float>(), *Vx = v.typed_data<float>();
   const float *O = o.typed_data<float>(), *LSE = lse.typed_data<float>(), *dO = dout.typed_data<float>();
   const int32_t* S0 = start.typed_data<int32_t>();
@@ -279,9 +342,10 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
     for (long kh = 0; kh < d.K; ++kh) tasks.push_back({s.s0, s.s1, kh});
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.s1 - x.s0 > y.s1 - y.s0; });
   parallel_for(pool, tasks.size(), [&](long ti) {
-    static thread_local std::vector<float> buf;
+    static thread_local std::vector<float> buf, zbuf;
     const Task& t = tasks[ti];
     const long n = t.s1 - t.s0, np = round16(n), Mb = kQueryBlock * d.G;
+    float* z = scratch(zbuf, np);
     float* kt = scratch(buf, 2 * d.Dp * np + 3 * n * d.Dp + 2 * Mb * np + 3 * Mb * d.Dp + Mb);
     float *vt = kt + d.Dp * np, *kp = vt + d.Dp * np, *gk = kp + n * d.Dp, *gv = gk + n * d.Dp, *p = gv + n * d.Dp;
     float *ds = p + Mb * np, *qb = ds + Mb * np, *gob = qb + Mb * d.Dp, *gq = gob + Mb * d.Dp, *dd = gq + Mb * d.Dp;
@@ -304,10 +368,15 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
       gemm(M, mp, d.Dh, gob, d.Dp, 1, vt, np, ds, mp, false);  // dP = dO V^T
       for (long r = 0; r < M; ++r) {
         const long tok = a + r / d.G, c = tok - t.s0 + 1;
-        float *pr = p + r * mp, *dr = ds + r * mp;
+        float *pr = p + r * mp, *gd = ds + r * mp;
         exp_row(pr, c, mp, LSE[tok * d.H + t.kh * d.G + r % d.G]);
-        for (long j = 0; j < c; ++j) dr[j] = pr[j] * (dr[j] - dd[r]);
-        std::memset(dr + c, 0, sizeof(float) * (mp - c));
+        if (dr.on) {  // with dropout: dV takes the kept weights, dS = P * (dP * factor - rowsum(dO * O))
+          keep_factors(dr, tok, t.kh * d.G + r % d.G, d.H, t.s0, c, z);
+          for (long j = 0; j < c; ++j) { gd[j] = pr[j] * (gd[j] * z[j] - dd[r]); pr[j] *= z[j]; }
+        } else {
+          for (long j = 0; j < c; ++j) gd[j] = pr[j] * (gd[j] - dd[r]);
+        }
+        std::memset(gd + c, 0, sizeof(float) * (mp - c));
       }
       gemm(M, d.Dp, m, ds, mp, 1, kp, d.Dp, gq, d.Dp, false);  // dQ (of the scaled queries) = dS K
       for (long r = 0; r < M; ++r) {
@@ -433,6 +502,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_attention_fwd, forward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("rate")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
@@ -446,6 +517,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_attention_bwd, backward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("rate")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
