@@ -8,12 +8,18 @@ the PyTorch reference (bench/_llama_ref.py). Both train on the same packed batch
 clipping at 1.0 and AdamW (b1 0.9, b2 0.95, decay 0.1), float32.
 - ours: the step `synehr.train.train` uses on one device (`use_split_step`: `make_split_train_step`, one jitted
   call per layer forward and backward, then the update with parameters and optimiser state donated; the fused
-  `make_train_step` for scanned or rematerialised layers) on the batch as `synehr.train.train` gives it on one device in runs of TrainConfig.unpad (1000) steps or more: with `unpad_batch`'s
-  indices, so the position-wise layers compute the real tokens only (rounded up to a multiple of T/2: one compiled
-  shape per multiple);
+  `make_train_step` for scanned or rematerialised layers) on the batch as `synehr.train.train` gives it on one device
+  in runs of TrainConfig.unpad (1000) steps or more: with `unpad_batch`'s indices, so the position-wise layers compute
+  the real tokens only (rounded up to a multiple of T/2: one compiled shape per multiple); with synehr's CPU kernels
+  (`synehr.model.cpu_kernels()`, named in the record: SYNEHR_CPU_KERNELS=0 turns them off) attention runs on those
+  tokens by `segment_attention`, within each patient's segment only, and SwiGLU and the weight gradients' transposes
+  run in C++ too;
 - torch: LlamaForCausalLM in train mode (its default SDPA attention; the padding mask as attention_mask),
   torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW. Its SDPA path has no per-patient segment mask, so rows that
-  pack several patients attend across them and its losses differ slightly from ours; the work per step is the same.
+  pack several patients attend across them (full causal attention over the row) and its losses differ slightly from
+  ours. Our model masks attention across patients, and `segment_attention` skips those blocks instead of computing
+  and discarding them: the record names the share of the causal attention that lies within patients (on 8x256
+  batches most rows hold one patient; on 1x2048 rows hold several, and ours does much less attention work).
 Throughput: both in this process, alternating windows of 3 steps after warmup (compilation untimed: the warmup runs
 the first batches and one batch of every other computed-token count the timed batches have, on both sides), 10 windows
 (4 of 2 steps with --quick), the two sides' order swapped every window; tokens/s is each side's median window and counts
@@ -139,6 +145,18 @@ def torch_side(model, threads=None):
     return run, sync
 
 
+def within_patients(batches) -> float:
+    "The share of causal attention (query, key) pairs over the real tokens whose key is in the query's own segment (patient)."
+    inside = causal = 0
+    for b in batches:
+        for row in np.asarray(b["segment_ids"]):
+            n = int((row > 0).sum())
+            causal += n * (n + 1) // 2
+            _, counts = np.unique(row[row > 0], return_counts=True)
+            inside += int((counts * (counts + 1) // 2).sum())
+    return inside / max(causal, 1)
+
+
 def _status_kb(field: str) -> int:
     "A memory field of /proc/self/status (VmRSS, VmHWM) in kB."
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -239,8 +257,10 @@ def main(argv=None):
         mem[name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"memory {name}: {mem[name]}", flush=True)
 
+    from synehr.model import cpu_kernels
     what = (f"training tokens/s, Coogee-size model (V {V}, D 384, F 1024, L 6, H 6, K 2), batch {B}x{a.context}, "
             f"AdamW + clip, float32, ours computing the real tokens only (unpad_batch, as train does on one device from 1000 steps), "
+            f"CPU kernels {'on' if cpu_kernels() else 'off'} (attention within patients: {within_patients(batches[warm:]):.0%} of causal), "
             f"SYNEHR_MALLOC={os.environ.get('SYNEHR_MALLOC', 'keep')}, median of {windows} windows of {steps} steps")
     extra = dict(batch=B, context=a.context, first_losses={k: v[0] for k, v in first.items()}, memory=mem,
                  step_seconds={k: [t / steps for t in v] for k, v in times.items()})
