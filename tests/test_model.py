@@ -1,5 +1,9 @@
 """synehr.model: causality, segment isolation, jit, KV cache, remat, knowledge fusion, dtypes, 1 vs 4 devices."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -11,8 +15,8 @@ from flax import nnx
 
 from _devices import run_on_devices
 from synehr.core import ConfigError
-from synehr.model import (Decoder, Knowledge, ModelConfig, attention_mask, count_params, data_mesh, decode_step,
-                          extend, init_cache, next_token_loss, prefill, replicate, shard_batch)
+from synehr.model import (Decoder, Knowledge, ModelConfig, attention_mask, count_params, cpu_kernels, data_mesh, decode_step,
+                          extend, init_cache, next_token_loss, prefill, replicate, shard_batch, unpad_batch)
 
 
 def packed_batch(lengths, T, V, seed=0, rows=1):
@@ -178,6 +182,47 @@ def test_dropout_only_with_key(cfg):
     assert float(l_drop) != float(loss_fn(m, b)[0])
     m0 = Decoder(cfg, rngs=nnx.Rngs(0))  # dropout 0: a key changes nothing
     np.testing.assert_array_equal(fwd(m0, b, k1), fwd(m0, b))
+
+
+def unpadded_loss_and_grads(dropout: float, key=None):
+    "Loss and gradients of a tiny model on a packed 2-row batch computed on its real tokens only (unpad_batch)."
+    b = unpad_batch({k: np.asarray(v) for k, v in packed_batch([9, 6], 20, 64, rows=2).items()}, 8)
+    m = Decoder(ModelConfig.tiny(dropout=dropout), rngs=nnx.Rngs(0))
+    (loss, _), g = nnx.jit(nnx.value_and_grad(next_token_loss, has_aux=True))(m, jax.tree.map(jnp.asarray, b), key)
+    return float(loss), np.concatenate([np.ravel(x) for x in jax.tree.leaves(nnx.state(g, nnx.Param))])
+
+
+def print_unpadded_loss_and_grads():
+    "For the subprocess of test_kernels_fall_back_to_xla: whether the kernels run, then the loss and a gradient digest."
+    loss, g = unpadded_loss_and_grads(0.0)
+    print(json.dumps({"kernels": cpu_kernels(), "loss": loss, "g": g[:50].tolist(), "g_norm": float(np.linalg.norm(g))}))
+
+
+def test_kernels_fall_back_to_xla(tmp_path):
+    "A compiler that fails leaves no library behind, warns, and the model runs in XLA with the kernels' results."
+    assert cpu_kernels()  # this machine builds them (g++, AVX2)
+    env = {**os.environ, "CXX": "false", "SYNEHR_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_model as t; t.print_unpadded_loss_and_grads()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "could not build the CPU kernels" in r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kernels"] is False and list(tmp_path.iterdir()) == []  # the failed build's temporary file is gone
+    loss, g = unpadded_loss_and_grads(0.0)
+    np.testing.assert_allclose(out["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(out["g"], g[:50], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(out["g_norm"], np.linalg.norm(g), rtol=1e-5)
+
+
+def test_kernel_attention_dropout_in_the_model():
+    "On the real tokens only, attention dropout runs in the kernel: one key, one result; another key or none, others."
+    k1 = jax.random.key(1)
+    l1, g1 = unpadded_loss_and_grads(0.3, k1)
+    l1b, g1b = unpadded_loss_and_grads(0.3, k1)
+    assert l1 == l1b and np.array_equal(g1, g1b)
+    l2, _ = unpadded_loss_and_grads(0.3, jax.random.key(2))
+    l0, _ = unpadded_loss_and_grads(0.3, None)
+    assert len({l1, l2, l0}) == 3 and np.isfinite(g1).all()
 
 
 def test_bfloat16_compute(cfg):
