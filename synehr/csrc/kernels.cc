@@ -495,49 +495,15 @@ ffi::Error transpose(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::An
 
 extern "C" int synehr_cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
+// Bindings: XLA's thread pool, the buffer arguments (and attributes), then the buffer results.
+#define SYNEHR_POOL ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+#define SYNEHR_ARG .Arg<ffi::AnyBuffer>()
+#define SYNEHR_RET .Ret<ffi::AnyBuffer>()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_attention_fwd, forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<float>("rate")
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
+                              SYNEHR_POOL SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG .Attr<float>("rate") SYNEHR_RET SYNEHR_RET);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_attention_bwd, backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<float>("rate")
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_swiglu_fwd, swiglu_forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_swiglu_bwd, swiglu_backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_transpose, transpose,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+                              SYNEHR_POOL SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG
+                              .Attr<float>("rate") SYNEHR_RET SYNEHR_RET SYNEHR_RET);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_swiglu_fwd, swiglu_forward, SYNEHR_POOL SYNEHR_ARG SYNEHR_ARG SYNEHR_RET);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_swiglu_bwd, swiglu_backward, SYNEHR_POOL SYNEHR_ARG SYNEHR_ARG SYNEHR_ARG SYNEHR_RET SYNEHR_RET);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(synehr_transpose, transpose, SYNEHR_POOL SYNEHR_ARG SYNEHR_RET);
