@@ -217,6 +217,7 @@ def gqa(q_BxTxHxDh, # queries (already rotated)
 
 # %% ../nbs/05_model.ipynb #9bbbfc4c
 _KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-fPIC", "-shared")
+_XLA_INSTEAD = "attention, SwiGLU and transposes run in XLA"
 
 def kernel_cache_dir() -> Path:
     "Where compiled kernels are kept: $SYNEHR_CACHE_DIR, else $XDG_CACHE_HOME/synehr, else ~/.cache/synehr."
@@ -225,12 +226,12 @@ def kernel_cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def cpu_kernels() -> bool:
-    "Whether our C++ kernels (`segment_attention`, `swiglu`) can run: built on the first call (cached on disk), loaded and registered with XLA, on a CPU with AVX2 and FMA; False with SYNEHR_CPU_KERNELS=0."
+    "Whether our C++ kernels (`segment_attention`, `swiglu`, `transpose2d`) can run: built on the first call (cached on disk), loaded and registered with XLA, on a CPU with AVX2 and FMA; False with SYNEHR_CPU_KERNELS=0."
     if os.environ.get("SYNEHR_CPU_KERNELS", "1") == "0": return False
     log = get_logger("synehr.model")
     cxx = shutil.which(os.environ.get("CXX") or "g++")
     if cxx is None:
-        log.info("no C++ compiler (CXX or g++): attention and SwiGLU run as XLA computes them"); return False
+        log.info("no C++ compiler (CXX or g++): %s", _XLA_INSTEAD); return False
     src = importlib.resources.files("synehr") / "csrc" / "kernels.cc"
     tag = hashlib.sha256(b"\0".join([src.read_bytes(), jax.lib.__version__.encode(), cxx.encode(), *(f.encode() for f in _KERNEL_FLAGS)])).hexdigest()[:16]
     so = kernel_cache_dir() / f"kernels-{tag}.so"
@@ -242,10 +243,10 @@ def cpu_kernels() -> bool:
         lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or e
-        log.warning("could not build the CPU kernels (%s); attention and SwiGLU run as XLA computes them: %s", so, str(detail)[-2000:])
+        log.warning("could not build the CPU kernels (%s); %s: %s", so, _XLA_INSTEAD, str(detail)[-2000:])
         return False
     if not lib.synehr_cpu_ok():
-        log.info("this CPU lacks AVX2 or FMA: attention and SwiGLU run as XLA computes them"); return False
+        log.info("this CPU lacks AVX2 or FMA: %s", _XLA_INSTEAD); return False
     for name in ("attention_fwd", "attention_bwd", "swiglu_fwd", "swiglu_bwd", "transpose"):
         jax.ffi.register_ffi_target(f"synehr_{name}", jax.ffi.pycapsule(getattr(lib, f"synehr_{name}")), platform="cpu")
     return True
