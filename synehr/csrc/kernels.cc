@@ -1,6 +1,8 @@
-// Causal grouped-query attention over packed variable-length segments, forward and backward, for XLA's CPU backend
-// (float32, AVX2 + FMA), called from JAX through the XLA FFI (synehr.model.segment_attention).
+// CPU kernels of synehr's training step for XLA's CPU backend (float32, AVX2 + FMA), called from JAX through the XLA
+// FFI (synehr.model): causal grouped-query attention over packed variable-length segments (`segment_attention`),
+// SwiGLU's forward and backward passes (`swiglu`) and a matrix transpose (`transpose2d`).
 //
+// Attention.
 // Layout: the N tokens of a batch in one flat sequence (the real tokens of `unpad_batch`, row after row, then
 // padding). q [N, H, Dh], k and v [N, K, Dh], H = G * K (query head h reads key/value head h / G). start [N] int32:
 // token i attends to the keys start[i] .. i (its segment so far); start[i] > i marks a padding token (output 0).
@@ -182,21 +184,7 @@ struct Dims {
   float scale;
 };
 
-struct Segment { long s0, s1; };
-
-// The segments (runs of real tokens sharing their start) of `start`; false if `start` is not of that form.
-bool segments_of(const int32_t* start, long N, std::vector<Segment>* out) {
-  for (long i = 0; i < N;) {
-    const long s = start[i];
-    if (s > i) { ++i; continue; }  // padding
-    if (s != i) return false;  // a segment must begin at its own first token
-    long j = i + 1;
-    while (j < N && start[j] == s) ++j;
-    out->push_back({i, j});
-    i = j;
-  }
-  return true;
-}
+struct Task { long s0, s1, kh; };  // one segment [s0, s1) and key/value head
 
 // Rows [t0, t1) of head group `kh` of x [N, heads, Dh], as packed rows (t, g) -> (t - t0) * G + g of width Dp
 // (times `mul`); heads = G * K for queries, K (and G = 1) for keys and values.
@@ -243,45 +231,48 @@ void parallel_for(ffi::ThreadPool& pool, long n, const std::function<void(long)>
   while (st->done.load() < n) std::this_thread::yield();
 }
 
-ffi::Error check(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, const ffi::AnyBuffer& start, Dims* d) {
+// Everything both passes check and derive: shapes, dropout, and one task per (segment, key/value head) of `start`,
+// longest first (a segment is a run of real tokens whose start is its first token; start[i] > i is padding).
+ffi::Error plan(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, const ffi::AnyBuffer& start,
+                const ffi::AnyBuffer& seed, float rate, Dims* d, Dropout* dr, std::vector<Task>* tasks) {
   auto qd = q.dimensions(), kd = k.dimensions(), sd = start.dimensions();
   if (q.element_type() != ffi::F32 || k.element_type() != ffi::F32 || v.element_type() != ffi::F32 || start.element_type() != ffi::S32)
     return ffi::Error::InvalidArgument("segment_attention: q, k, v must be float32 and start int32");
   if (qd.size() != 3 || kd.size() != 3 || sd.size() != 1 || kd[0] != qd[0] || sd[0] != qd[0] || kd[2] != qd[2] || qd[1] % kd[1])
     return ffi::Error::InvalidArgument("segment_attention: expected q [N, H, Dh], k and v [N, K, Dh] with K dividing H, start [N]");
-  d->N = qd[0]; d->H = qd[1]; d->K = kd[1]; d->G = d->H / d->K; d->Dh = qd[2]; d->Dp = round16(d->Dh);
-  d->scale = 1.0f / std::sqrt(static_cast<float>(d->Dh));
-  return ffi::Error::Success();
-}
-
-ffi::Error check_dropout(ffi::AnyBuffer seed, float rate) {
   if (seed.element_type() != ffi::U32 || seed.element_count() != 2 || !(rate >= 0.0f && rate < 1.0f))
     return ffi::Error::InvalidArgument("segment_attention: expected a uint32 seed [2] and a dropout rate in [0, 1)");
+  d->N = qd[0]; d->H = qd[1]; d->K = kd[1]; d->G = d->H / d->K; d->Dh = qd[2]; d->Dp = round16(d->Dh);
+  d->scale = 1.0f / std::sqrt(static_cast<float>(d->Dh));
+  *dr = dropout_of(seed, rate);
+  const int32_t* S0 = start.typed_data<int32_t>();
+  for (long i = 0; i < d->N;) {
+    const long s = S0[i];
+    if (s > i) { ++i; continue; }  // padding
+    if (s != i) return ffi::Error::InvalidArgument("segment_attention: start must give each segment's tokens its first token's index");
+    long j = i + 1;
+    while (j < d->N && S0[j] == s) ++j;
+    for (long kh = 0; kh < d->K; ++kh) tasks->push_back({i, j, kh});
+    i = j;
+  }
+  std::stable_sort(tasks->begin(), tasks->end(), [](const Task& x, const Task& y) { return x.s1 - x.s0 > y.s1 - y.s0; });
   return ffi::Error::Success();
 }
 
 ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer start,
                    ffi::AnyBuffer seed, float rate, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse) {
   Dims d;
-  if (auto e = check(q, k, v, start, &d); e.failure()) return e;
-  if (auto e = check_dropout(seed, rate); e.failure()) return e;
-  const Dropout dr = dropout_of(seed, rate);
+  Dropout dr;
+  std::vector<Task> tasks;
+  if (auto e = plan(q, k, v, start, seed, rate, &d, &dr, &tasks); e.failure()) return e;
   const float *Q = q.typed_data<float>(), *Kx = k.typed_data<float>(), *Vx = v.typed_data<float>();
   const int32_t* S0 = start.typed_data<int32_t>();
   float *O = o->typed_data<float>(), *LSE = lse->typed_data<float>();
-  std::vector<Segment> segs;
-  if (!segments_of(S0, d.N, &segs))
-    return ffi::Error::InvalidArgument("segment_attention: start must give each segment's tokens its first token's index");
   for (long i = 0; i < d.N; ++i)
     if (S0[i] > i) {  // padding: zero output, log-sum-exp 0
       std::memset(O + i * d.H * d.Dh, 0, sizeof(float) * d.H * d.Dh);
       std::fill(LSE + i * d.H, LSE + (i + 1) * d.H, 0.0f);
     }
-  struct Task { long s0, s1, kh; };
-  std::vector<Task> tasks;
-  for (const auto& s : segs)
-    for (long kh = 0; kh < d.K; ++kh) tasks.push_back({s.s0, s.s1, kh});
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.s1 - x.s0 > y.s1 - y.s0; });  // longest first
   parallel_for(pool, tasks.size(), [&](long ti) {
     static thread_local std::vector<float> buf, zbuf;
     const Task& t = tasks[ti];
@@ -320,27 +311,19 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                     ffi::AnyBuffer seed, ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer dout, float rate,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv) {
   Dims d;
-  if (auto e = check(q, k, v, start, &d); e.failure()) return e;
-  if (auto e = check_dropout(seed, rate); e.failure()) return e;
-  const Dropout dr = dropout_of(seed, rate);
+  Dropout dr;
+  std::vector<Task> tasks;
+  if (auto e = plan(q, k, v, start, seed, rate, &d, &dr, &tasks); e.failure()) return e;
   const float *Q = q.typed_data<float>(), *Kx = k.typed_data<float>(), *Vx = v.typed_data<float>();
   const float *O = o.typed_data<float>(), *LSE = lse.typed_data<float>(), *dO = dout.typed_data<float>();
   const int32_t* S0 = start.typed_data<int32_t>();
   float *dQ = dq->typed_data<float>(), *dK = dk->typed_data<float>(), *dV = dv->typed_data<float>();
-  std::vector<Segment> segs;
-  if (!segments_of(S0, d.N, &segs))
-    return ffi::Error::InvalidArgument("segment_attention: start must give each segment's tokens its first token's index");
   for (long i = 0; i < d.N; ++i)
     if (S0[i] > i) {  // padding: zero gradients
       std::memset(dQ + i * d.H * d.Dh, 0, sizeof(float) * d.H * d.Dh);
       std::memset(dK + i * d.K * d.Dh, 0, sizeof(float) * d.K * d.Dh);
       std::memset(dV + i * d.K * d.Dh, 0, sizeof(float) * d.K * d.Dh);
     }
-  struct Task { long s0, s1, kh; };
-  std::vector<Task> tasks;
-  for (const auto& s : segs)
-    for (long kh = 0; kh < d.K; ++kh) tasks.push_back({s.s0, s.s1, kh});
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.s1 - x.s0 > y.s1 - y.s0; });
   parallel_for(pool, tasks.size(), [&](long ti) {
     static thread_local std::vector<float> buf, zbuf;
     const Task& t = tasks[ti];
